@@ -1,0 +1,1 @@
+"""The service: settings, API schemas, routes, engine and batcher, metrics, CLI."""
