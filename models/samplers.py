@@ -1,0 +1,494 @@
+"""Samplers as per-request states that hand the engine linear-update coefficients.
+
+Every supported step is, per sample,
+
+    D      = p·x + q·out                               (backbone output → data prediction)
+    x_next = a·x + b₀·D + Σ_{k≥1} b_k·D_k + c·z        (D_k: earlier data predictions)
+
+so a sampler is a precomputed *plan*: one ``StepCoefficients`` per backbone evaluation,
+fixed by the grid alone. ``SamplerState`` walks its plan and keeps what the plan needs (x, the
+D history, its own ``torch.Generator``); ``kernels.guidance.guided_update`` applies the
+coefficients to a whole mixed batch. Two-stage and predictor–corrector methods fit the same
+form because their extra stages are linear in the current x and the stored D's too.
+
+Samplers (``x = α·x0 + σ·ε``, λ = log(α/σ), h = λ_next − λ):
+  ddim          DDIM (Song et al., 2021a) with ``eta`` ≥ 0 (0: deterministic, 1: DDPM-like).
+  dpmpp-2m      DPM-Solver++ multistep (Lu et al., 2022), order 2 (``order`` 1–3).
+  dpmpp-3m      the same, order 3.
+  dpmpp-2m-sde  SDE-DPM-Solver++(2M) (``order`` 1–2), noise from the request's generator.
+  euler         Euler on the probability-flow ODE dx̃/ds = (x̃ − D)/s: x̃ = x/α, s = σ/α for
+                VP (Karras et al., 2022); x̃ = x, s = σ on the flow ODE. Equal to DDIM(η=0).
+  heun          Heun's 2nd-order method on the same ODE: 2 evaluations per step except a
+                final step to σ = 0 (Euler), so 2N − 1 evaluations for N steps.
+  unipc         UniPC-bh2 predictor–corrector on the data prediction (Zhao et al., 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from denoised.kernels.guidance import guided_update
+
+from .grids import Grid, make_grid
+from .process import FlowProcess, Process
+
+SAMPLER_NAMES = ("ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "euler", "heun", "unipc")
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """One evaluation's update: ``D = p·x + q·out``, ``x_next = a·x + Σ b_k·D_k + c·z``."""
+
+    p: float
+    q: float
+    a: float
+    b: tuple[float, ...]
+    c: float
+
+
+@dataclass(frozen=True)
+class PlannedEval:
+    """A backbone evaluation at ``model_time`` followed by the update ``coefficients``."""
+
+    model_time: float
+    coefficients: StepCoefficients
+
+
+# --- options ---------------------------------------------------------------------------------
+
+_GRID_OPTIONS = {"spacing", "final", "denoise_to_zero", "round_timesteps", "shift"}
+_SAMPLER_OPTIONS = {
+    "ddim": {"eta"},
+    "dpmpp-2m": {"order", "lower_order_final"},
+    "dpmpp-3m": {"order", "lower_order_final"},
+    "dpmpp-2m-sde": {"order", "lower_order_final"},
+    "euler": set(),
+    "heun": set(),
+    "unipc": {"order", "lower_order_final"},
+}
+_ORDERS = {"dpmpp-2m": (1, 2, 3), "dpmpp-3m": (1, 2, 3), "dpmpp-2m-sde": (1, 2), "unipc": (1, 2)}
+_DEFAULT_ORDER = {"dpmpp-2m": 2, "dpmpp-3m": 3, "dpmpp-2m-sde": 2, "unipc": 2}
+
+
+def _bool_option(options: dict, name: str, default: bool) -> bool:
+    value = options.get(name, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"option {name!r} must be true or false; got {value!r}")
+    return value
+
+
+def _validate(name: str, options: dict) -> None:
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}; got {name!r}")
+    allowed = _GRID_OPTIONS | _SAMPLER_OPTIONS[name]
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for sampler {name!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    if "order" in options and options["order"] not in _ORDERS[name]:
+        raise ValueError(
+            f"option 'order' for sampler {name!r} must be one of {_ORDERS[name]}; "
+            f"got {options['order']!r}"
+        )
+    eta = options.get("eta", 0.0)
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta < math.inf:
+        raise ValueError(f"option 'eta' must be a number >= 0; got {eta!r}")
+
+
+# --- plans -----------------------------------------------------------------------------------
+
+
+def build_plan(
+    name: str, process: Process, steps: int, options: dict | None = None
+) -> list[PlannedEval]:
+    """Every evaluation of sampler ``name`` over ``steps`` steps, with its coefficients."""
+    options = dict(options or {})
+    _validate(name, options)
+    final = options.get("final", "zero")
+    denoise_to_zero = _bool_option(options, "denoise_to_zero", False)
+    if denoise_to_zero and final != "min":
+        raise ValueError(
+            "option 'denoise_to_zero' needs final='min' (a grid that stops short of σ = 0)"
+        )
+    grid = make_grid(
+        process,
+        steps,
+        spacing=options.get("spacing"),
+        final=final,
+        shift=options.get("shift"),
+        round_timesteps=_bool_option(options, "round_timesteps", False),
+    )
+    lower_order_final = _bool_option(options, "lower_order_final", True)
+    order = options.get("order", _DEFAULT_ORDER.get(name, 1))
+    if name == "ddim":
+        updates = _ddim(grid, float(options.get("eta", 0.0)))
+    elif name in ("dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde"):
+        orders = _multistep_orders(grid, order, lower_order_final)
+        updates = _dpmpp(grid, orders, sde=name == "dpmpp-2m-sde")
+    elif name == "euler":
+        updates = _euler(grid, process)
+    elif name == "heun":
+        updates = _heun(grid, process)
+    else:
+        updates = _unipc(grid, _multistep_orders(grid, order, lower_order_final))
+    plan = [
+        PlannedEval(float(grid.model_time[i]), _with_prediction(process, grid, i, a, b, c))
+        for i, a, b, c in updates
+    ]
+    if denoise_to_zero:  # one more evaluation at the last point; the sample becomes its D
+        plan.append(
+            PlannedEval(
+                float(grid.model_time[-1]), _with_prediction(process, grid, -1, 0.0, (1.0,), 0.0)
+            )
+        )
+    return plan
+
+
+def _with_prediction(process: Process, grid: Grid, i: int, a, b, c) -> StepCoefficients:
+    p, q = process.prediction_coefficients(grid.alpha[i], grid.sigma[i])
+    return StepCoefficients(float(p), float(q), float(a), tuple(float(v) for v in b), float(c))
+
+
+Update = tuple[int, float, tuple[float, ...], float]  # (grid point evaluated, a, b, c)
+
+
+def _ddim(grid: Grid, eta: float) -> list[Update]:
+    al, si = grid.alpha, grid.sigma
+    updates = []
+    for i in range(grid.steps):
+        # DDPM posterior std scaled by η: σ_n·sqrt(1 − e^{−2h}), with e^{−h} = α·σ_n / (α_n·σ).
+        ratio = al[i] * si[i + 1] / (al[i + 1] * si[i])
+        std = eta * si[i + 1] * math.sqrt(max(1.0 - ratio * ratio, 0.0))
+        a = math.sqrt(max(si[i + 1] ** 2 - std * std, 0.0)) / si[i]
+        updates.append((i, a, (al[i + 1] - a * al[i],), std))
+    return updates
+
+
+def _multistep_orders(grid: Grid, order: int, lower_order_final: bool) -> list[int]:
+    """Per-step order: warm up from 1, and step down at the end of short grids (< 15 steps)."""
+    n = grid.steps
+    orders = []
+    for i in range(n):
+        k = min(order, i + 1)
+        if lower_order_final and n < 15:
+            k = min(k, n - i)
+        if grid.sigma[i + 1] == 0.0:  # λ = +inf: only the first-order step is defined
+            k = 1
+        orders.append(k)
+    return orders
+
+
+def _dpmpp(grid: Grid, orders: list[int], sde: bool) -> list[Update]:
+    al, si, lam = grid.alpha, grid.sigma, grid.logsnr
+    updates = []
+    for i, k in enumerate(orders):
+        if si[i + 1] == 0.0:
+            updates.append((i, 0.0, (al[i + 1],), 0.0))
+            continue
+        h = lam[i + 1] - lam[i]
+        if sde:  # x_n = (σ_n/σ)e^{−h}·x + α_n(1 − e^{−2h})·(D + ½·D1) + σ_n·sqrt(1 − e^{−2h})·z
+            a = si[i + 1] / si[i] * math.exp(-h)
+            phi = al[i + 1] * -math.expm1(-2.0 * h)
+            c = si[i + 1] * math.sqrt(-math.expm1(-2.0 * h))
+            half = 0.5
+        else:  # x_n = (σ_n/σ)·x + α_n(1 − e^{−h})·(D + ½·D1) [+ higher terms]
+            a = si[i + 1] / si[i]
+            phi = al[i + 1] * -math.expm1(-h)
+            c = 0.0
+            half = 0.5
+        if k == 1:
+            b = (phi,)
+        elif k == 2:  # D1 = (D − D₋₁)/r0, r0 = h₋₁/h (the "midpoint" form)
+            r0 = (lam[i] - lam[i - 1]) / h
+            b = (phi * (1.0 + half / r0), -phi * half / r0)
+        else:
+            b = _dpmpp3_weights(
+                al[i + 1], h, (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            )
+        updates.append((i, a, b, c))
+    return updates
+
+
+def _dpmpp3_weights(
+    alpha_next: float, h: float, r0: float, r1: float
+) -> tuple[float, float, float]:
+    """Weights on (D, D₋₁, D₋₂) of the third-order DPM-Solver++ multistep update."""
+    e = math.expm1(-h)  # e^{−h} − 1
+    c0 = -alpha_next * e
+    c1 = alpha_next * (e / h + 1.0)
+    c2 = -alpha_next * ((e + h) / h**2 - 0.5)
+    # D1 = D1_0 + r0/(r0+r1)·(D1_0 − D1_1), D2 = (D1_0 − D1_1)/(r0+r1), with
+    # D1_0 = (D − D₋₁)/r0 and D1_1 = (D₋₁ − D₋₂)/r1.
+    d10 = (1.0 / r0, -1.0 / r0, 0.0)
+    d11 = (0.0, 1.0 / r1, -1.0 / r1)
+    diff = tuple(u - v for u, v in zip(d10, d11, strict=True))
+    d1 = tuple(u + r0 / (r0 + r1) * v for u, v in zip(d10, diff, strict=True))
+    d2 = tuple(v / (r0 + r1) for v in diff)
+    return tuple(
+        c0 * (j == 0) + c1 * u + c2 * v for j, (u, v) in enumerate(zip(d1, d2, strict=True))
+    )
+
+
+def _ode_coordinates(process: Process, alpha: np.ndarray, sigma: np.ndarray):
+    """(scale, s) with the probability-flow ODE dx̃/ds = (x̃ − D)/s in x̃ = x/scale."""
+    if isinstance(process, FlowProcess):
+        return np.ones_like(sigma), sigma
+    return alpha, sigma / alpha
+
+
+def _euler(grid: Grid, process: Process) -> list[Update]:
+    scale, s = _ode_coordinates(process, grid.alpha, grid.sigma)
+    return [
+        (
+            i,
+            scale[i + 1] * s[i + 1] / (scale[i] * s[i]),
+            (scale[i + 1] * (1.0 - s[i + 1] / s[i]),),
+            0.0,
+        )
+        for i in range(grid.steps)
+    ]
+
+
+def _heun(grid: Grid, process: Process) -> list[Update]:
+    scale, s = _ode_coordinates(process, grid.alpha, grid.sigma)
+    updates = []
+    for i, euler_step in enumerate(_euler(grid, process)):
+        updates.append(euler_step)
+        if grid.sigma[i + 1] == 0.0:
+            continue
+        # Second stage at the Euler point x' (on grid point i+1): with D1 the first stage's
+        # and D2 this stage's data prediction, x_next = x' + scale·(s_n − s)/(2·s_n)·(D1 − D2).
+        k = scale[i + 1] * (s[i + 1] - s[i]) / (2.0 * s[i + 1])
+        updates.append((i + 1, 1.0, (-k, k), 0.0))
+    return updates
+
+
+def _unipc(grid: Grid, orders: list[int]) -> list[Update]:
+    raise NotImplementedError
+
+
+# --- per-request state -----------------------------------------------------------------------
+
+
+class SamplerState:
+    """One request's sampler: current x, position in the plan, D history, own generator."""
+
+    def __init__(
+        self,
+        name: str,
+        plan: list[PlannedEval],
+        x: Tensor,
+        generator: torch.Generator,
+    ):
+        self.name = name
+        self.plan = plan
+        self.x = x
+        self.generator = generator
+        self.step_index = 0
+        self._history: list[Tensor] = []
+        self._keep = max(len(e.coefficients.b) for e in plan) - 1
+        self._noise: Tensor | None = None
+
+    @property
+    def nfe(self) -> int:
+        return len(self.plan)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= len(self.plan)
+
+    def model_time(self) -> float:
+        return self.plan[self.step_index].model_time
+
+    def coefficients(self) -> StepCoefficients:
+        return self.plan[self.step_index].coefficients
+
+    def history(self) -> list[Tensor]:
+        """The D's that ``coefficients().b[1:]`` multiply, newest first."""
+        return self._history[: len(self.coefficients().b) - 1]
+
+    def noise(self) -> Tensor | None:
+        """This evaluation's z (drawn once from the request's generator), or None when c = 0."""
+        if self.coefficients().c == 0.0:
+            return None
+        if self._noise is None:
+            z = torch.randn(self.x.shape, generator=self.generator, device=self.generator.device)
+            self._noise = z.to(self.x.device)
+        return self._noise
+
+    def advance(self, x_next: Tensor, d: Tensor) -> None:
+        """Accept the update for the pending evaluation."""
+        if self.done:
+            raise ValueError("sampler is already done")
+        self.x = x_next
+        if self._keep:
+            self._history = [d, *self._history][: self._keep]
+        self._noise = None
+        self.step_index += 1
+
+
+def create_sampler(
+    name: str,
+    process: Process,
+    steps: int,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    options: dict | None = None,
+    device: torch.device | str = "cpu",
+) -> SamplerState:
+    """A fresh sampler state; draws the initial noise x ~ N(0, I) from ``generator``.
+
+    Options (ValueError names the bad one): ``spacing`` (grids.VP_SPACINGS / FLOW_SPACINGS),
+    ``final`` ("zero" | "min"), ``denoise_to_zero`` (bool, with final="min"),
+    ``round_timesteps`` (bool), ``shift`` (flow only), and per sampler ``eta`` (ddim),
+    ``order`` and ``lower_order_final`` (multistep samplers).
+    """
+    plan = build_plan(name, process, steps, options)
+    x = torch.randn(tuple(shape), generator=generator, device=generator.device)
+    return SamplerState(name, plan, x.to(device), generator)
+
+
+# --- batched stepping ------------------------------------------------------------------------
+
+ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+@dataclass(frozen=True)
+class BatchUpdate:
+    """Per-row update tensors for ``guided_update``, stacked over several states' rows."""
+
+    p: Tensor  # [B]
+    q: Tensor  # [B]
+    a: Tensor  # [B]
+    b: Tensor  # [B, K]
+    history: Tensor | None  # [K-1, B, C, H, W], zeros where a state keeps fewer D's
+    c: Tensor  # [B]
+    noise: Tensor | None  # [B, C, H, W], zeros for rows with c = 0; None when all c = 0
+
+
+def stack_updates(states: Sequence[SamplerState]) -> BatchUpdate:
+    """The pending evaluation's coefficients, history and noise of ``states``, row-stacked."""
+    device = states[0].x.device
+    coeffs = [s.coefficients() for s in states]
+    rows = torch.tensor([s.x.shape[0] for s in states], device=device)
+    width = max(len(cf.b) for cf in coeffs)
+
+    def per_row(values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).repeat_interleave(rows)
+
+    b = torch.stack(
+        [per_row([cf.b[k] if k < len(cf.b) else 0.0 for cf in coeffs]) for k in range(width)], 1
+    )
+    history = None
+    if width > 1:
+        history = torch.stack(
+            [
+                torch.cat([_nth(s.history(), k, s.x) for s in states]).float()
+                for k in range(width - 1)
+            ]
+        )
+    noises = [s.noise() for s in states]
+    noise = None
+    if any(z is not None for z in noises):
+        noise = torch.cat(
+            [
+                z if z is not None else torch.zeros_like(s.x)
+                for z, s in zip(noises, states, strict=True)
+            ]
+        )
+    return BatchUpdate(
+        p=per_row([cf.p for cf in coeffs]),
+        q=per_row([cf.q for cf in coeffs]),
+        a=per_row([cf.a for cf in coeffs]),
+        b=b,
+        history=history,
+        c=per_row([cf.c for cf in coeffs]),
+        noise=noise,
+    )
+
+
+def _nth(history: list[Tensor], k: int, like: Tensor) -> Tensor:
+    return history[k] if k < len(history) else torch.zeros_like(like)
+
+
+def step_batch(
+    model_fn: ModelFn,
+    states: Sequence[SamplerState],
+    guidance_scales: Sequence[float] | None = None,
+    labels: Sequence[Tensor | None] | None = None,
+    null_label: int | None = None,
+    guided_channels: int | None = None,
+) -> None:
+    """Advance every state by one evaluation with a single ``model_fn`` call.
+
+    A state is guided when its guidance scale is not 1 and it has labels: its rows are
+    evaluated a second time with ``null_label`` and combined as u + w·(c − u) on channels
+    [0, guided_channels). ``model_fn(x, t, y)`` returns [B, C_out, H, W] with C_out ≥ C
+    (extra channels, e.g. a learned variance, are ignored).
+    """
+    n = len(states)
+    scales = [1.0] * n if guidance_scales is None else [float(w) for w in guidance_scales]
+    labels = [None] * n if labels is None else list(labels)
+    if len(scales) != n or len(labels) != n:
+        raise ValueError("guidance_scales and labels need one entry per state")
+    has_labels = labels[0] is not None
+    if any((y is not None) != has_labels for y in labels):
+        raise ValueError("labels must be given for all states or for none")
+    guided = [w != 1.0 and y is not None for w, y in zip(scales, labels, strict=True)]
+    if any(guided) and null_label is None:
+        raise ValueError("guided sampling needs null_label")
+    device = states[0].x.device
+    rows = [s.x.shape[0] for s in states]
+    times = [
+        torch.full((r,), s.model_time(), device=device) for s, r in zip(states, rows, strict=True)
+    ]
+    x = torch.cat([s.x for s in states]).float()
+    extra = [i for i in range(n) if guided[i]]  # the unconditional rows, appended in order
+    model_x = torch.cat([x] + [states[i].x.float() for i in extra])
+    model_t = torch.cat(times + [times[i] for i in extra])
+    model_y = None
+    if has_labels:
+        nulls = [
+            torch.full((rows[i],), null_label, dtype=torch.int64, device=device) for i in extra
+        ]
+        model_y = torch.cat([y.to(device) for y in labels] + nulls)
+    out = model_fn(model_x, model_t, model_y)
+    channels = x.shape[1]
+    cond, uncond = out[: x.shape[0], :channels], out[x.shape[0] :, :channels]
+    uncond_index = torch.full((x.shape[0],), -1, dtype=torch.int64, device=device)
+    w = torch.ones(x.shape[0], device=device)
+    starts = np.cumsum([0, *rows])
+    next_uncond = 0
+    for i in extra:
+        uncond_index[starts[i] : starts[i + 1]] = torch.arange(next_uncond, next_uncond + rows[i])
+        w[starts[i] : starts[i + 1]] = scales[i]
+        next_uncond += rows[i]
+    u = stack_updates(states)
+    x_next, d = guided_update(
+        x, cond, uncond, uncond_index, w, u.p, u.q, u.a, u.b, u.history, u.c, u.noise,
+        channels if guided_channels is None else guided_channels,
+    )  # fmt: skip
+    for i, state in enumerate(states):
+        state.advance(x_next[starts[i] : starts[i + 1]], d[starts[i] : starts[i + 1]])
+
+
+def sample(
+    model_fn: ModelFn,
+    state: SamplerState,
+    guidance_scale: float = 1.0,
+    guided_channels: int | None = None,
+    labels: Tensor | None = None,
+    null_label: int | None = None,
+) -> Tensor:
+    """Run ``state`` to the end, one ``step_batch`` per evaluation; returns the final x."""
+    while not state.done:
+        step_batch(model_fn, [state], [guidance_scale], [labels], null_label, guided_channels)
+    return state.x
