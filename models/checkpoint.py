@@ -1,0 +1,257 @@
+"""Model directories: `config.json` + safetensors, loaded exactly or not at all.
+
+A model directory holds
+
+    config.json          what the model is (format in docs/models.md)
+    model.safetensors    the backbone's parameters
+    vae.safetensors      the latent decoder's parameters (latent models only)
+
+Loading checks every tensor name and shape against the architecture before anything is
+copied, and reports all problems at once. Pickle files (.pt/.pth/.ckpt/.bin/.pkl) are never
+opened here: unpickling can run arbitrary code. `denoised convert` turns them into a model
+directory once, explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from denoised.models.dit import DiT, DiTConfig
+from denoised.models.process import Process, process_from_config
+from denoised.models.unet import UNet, UNetConfig
+from denoised.models.vae import VAEConfig, VAEDecoder
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+VAE_WEIGHTS_FILE = "vae.safetensors"
+FORMAT = "denoised.model/1"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+# family -> (backbone class, architecture config class). SiT is DiT with a flow process.
+BACKBONES: dict[str, tuple[type[nn.Module], type]] = {
+    "dit": (DiT, DiTConfig),
+    "sit": (DiT, DiTConfig),
+    "unet": (UNet, UNetConfig),
+}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    config: dict
+    backbone: nn.Module
+    process: Process
+    vae: VAEDecoder | None
+    class_names: list[str] | None
+    num_classes: int | None  # the null label is `num_classes` (when the model has one)
+    latent_shape: tuple[int, int, int]  # (C, H, W) the sampler works in
+    image_size: int  # pixels per side of the decoded image
+    out_channels_used: int  # leading backbone output channels that form the prediction
+    guided_channels: int  # leading channels guidance applies to (0: no guidance)
+
+
+def build_backbone(family: str, architecture: dict) -> nn.Module:
+    if family not in BACKBONES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(BACKBONES)}")
+    module_cls, config_cls = BACKBONES[family]
+    return module_cls(config_cls.from_dict(architecture))
+
+
+def backbone_family(backbone: nn.Module) -> str:
+    for family, (module_cls, _) in BACKBONES.items():
+        if type(backbone) is module_cls:
+            return family
+    raise ValueError(f"{type(backbone).__name__} is not a supported backbone")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on the CPU; ValueError naming the file if it is
+    missing, truncated or otherwise not a valid safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {path} does not exist")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(
+            f"{path} is not a valid safetensors file (truncated or corrupt?): {e}"
+        ) from None
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """ValueError listing every missing key, unexpected key and shape mismatch of `state`
+    against `module`'s parameters and persistent buffers."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+    if problems:
+        raise ValueError(f"{what} does not match its architecture — " + " | ".join(problems))
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `state` into `module` after `check_state_dict` passed (all or nothing)."""
+    check_state_dict(module, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def refuse_pickle(path: Path) -> None:
+    hint = (
+        "pickle files are not loaded at serve time because unpickling can run arbitrary code; "
+        "convert it once with `denoised convert {src} <output-dir>` and serve the output directory"
+    )
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path} is a pickle checkpoint: " + hint.format(src=path))
+    if path.is_dir() and not (path / WEIGHTS_FILE).exists():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{path} holds pickle checkpoints ({', '.join(pickles)}) and no {WEIGHTS_FILE}: "
+                + hint.format(src=path / pickles[0])
+            )
+        if (path / "model_index.json").exists():
+            raise ValueError(
+                f"{path} is a diffusers pipeline folder; convert it with "
+                f"`denoised convert {path} <output-dir>`"
+            )
+
+
+def read_config(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise ValueError(f"{path} is not a model directory: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    for key in ("family", "architecture", "process"):
+        if key not in config:
+            raise ValueError(f"{file} lacks the required key {key!r}")
+    return config
+
+
+def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
+    """The derived facts of a model: shapes, labels and the channels guidance applies to."""
+    arch = backbone.config
+    if isinstance(arch, DiTConfig):
+        channels, side, num_classes = arch.in_channels, arch.input_size, arch.num_classes
+        has_null = True
+    else:
+        channels, side, num_classes = arch.in_channels, arch.sample_size, arch.num_classes
+        has_null = num_classes is not None and arch.null_label
+    class_names = config.get("class_names")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(
+            f"config lists {len(class_names)} class names but the model has {num_classes} classes"
+        )
+    guided = config.get("guided_channels", channels if has_null else 0)
+    if not 0 <= guided <= channels or (guided and not has_null):
+        raise ValueError(
+            f"guided_channels={guided} is invalid: the model has {channels} channels"
+            + ("" if has_null else " and no null label, so it cannot be guided")
+        )
+    if vae is not None and vae.config.latent_channels != channels:
+        raise ValueError(
+            f"the VAE takes {vae.config.latent_channels} latent channels; "
+            f"the backbone makes {channels}"
+        )
+    return {
+        "class_names": class_names,
+        "num_classes": num_classes,
+        "latent_shape": (channels, side, side),
+        "image_size": side * (vae.config.downscale if vae is not None else 1),
+        "out_channels_used": channels,
+        "guided_channels": guided,
+    }
+
+
+def save_model_dir(
+    path: str | os.PathLike,
+    backbone: nn.Module,
+    config: dict,
+    vae: VAEDecoder | None = None,
+) -> Path:
+    """Write `backbone` (and `vae`) with `config` as a model directory; returns its path.
+
+    `config` needs at least `process`; `family` defaults from the backbone type ("dit" or
+    "unet"), `architecture` and `vae` are filled in from the modules, `name` defaults to the
+    directory name. Everything is validated the way `load_model_dir` would.
+    """
+    path = Path(path)
+    config = dict(config)
+    config.setdefault("family", backbone_family(backbone))
+    if BACKBONES.get(config["family"], (None,))[0] is not type(backbone):
+        raise ValueError(f"family {config['family']!r} does not match a {type(backbone).__name__}")
+    config["architecture"] = backbone.config.to_dict()
+    config["vae"] = None if vae is None else vae.config.to_dict()
+    if "process" not in config:
+        raise ValueError("config needs a 'process' entry (see models/process.py)")
+    config["process"] = process_from_config(config["process"]).to_config()
+    config.setdefault("name", path.name)
+    config = {"format": FORMAT, **config}
+    describe(config, backbone, vae)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous(backbone.state_dict()), path / WEIGHTS_FILE)
+    if vae is not None:
+        save_file(_contiguous(vae.state_dict()), path / VAE_WEIGHTS_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def load_model_dir(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a model directory in eval mode on `device` in `dtype` (the VAE too).
+
+    ValueError, before any weights are copied, when the directory is a pickle checkpoint or
+    a diffusers folder, when config.json is invalid, or when the weights do not match the
+    architecture exactly (every missing/unexpected key and shape mismatch is listed).
+    """
+    path = Path(path)
+    refuse_pickle(path)
+    if not path.is_dir():
+        raise ValueError(f"model directory {path} does not exist")
+    config = read_config(path)
+    process = process_from_config(config["process"])
+    backbone = build_backbone(config["family"], config["architecture"])
+    load_weights(backbone, read_safetensors(path / WEIGHTS_FILE), f"{path / WEIGHTS_FILE}")
+    vae = None
+    if config.get("vae") is not None:
+        vae = VAEDecoder(VAEConfig.from_dict(config["vae"]))
+        load_weights(vae, read_safetensors(path / VAE_WEIGHTS_FILE), f"{path / VAE_WEIGHTS_FILE}")
+        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    facts = describe(config, backbone, vae)
+    backbone = backbone.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LoadedModel(
+        name=config.get("name", path.name),
+        config=config,
+        backbone=backbone,
+        process=process,
+        vae=vae,
+        **facts,
+    )

@@ -1,0 +1,433 @@
+"""`denoised convert`: turn checkpoints users already have into model directories.
+
+Sources:
+* an original DiT or SiT `.pt` file (Peebles & Xie, 2023; Ma et al., 2024), read with
+  `torch.load(weights_only=True)` so that no code in the file runs. A training checkpoint's
+  EMA weights are taken. The stored position table is checked against ours and dropped.
+* a diffusers `DiTPipeline` folder (`model_index.json`, `transformer/`, `vae/`,
+  `scheduler/`): the transformer's per-attention q/k/v are joined into one projection and its
+  per-block copies of the timestep/label embedders must be equal (one copy is kept).
+* a diffusers `DDPMPipeline` folder (`unet/`, `scheduler/`).
+
+The scheduler config becomes the model's process definition and `id2label` its class names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from denoised.models.checkpoint import load_weights, read_safetensors, save_model_dir
+from denoised.models.dit import DIT_SIZES, DiT, DiTConfig
+from denoised.models.embeddings import sincos_2d
+from denoised.models.presets import DDPM_LINEAR_PROCESS, ORIGINAL_DIT_GUIDED_CHANNELS, SIT_PROCESS
+from denoised.models.unet import UNet, UNetConfig
+from denoised.models.vae import VAEConfig, VAEDecoder, vae_decoder_state_dict
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT
+
+
+def dit_state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a diffusers `DiTTransformer2DModel` state dict onto `DiT`'s parameter names."""
+    out: dict[str, torch.Tensor] = {}
+    embedders: dict[str, dict[str, torch.Tensor]] = {}
+    top = {
+        "pos_embed.proj.": "x_embedder.proj.",
+        "proj_out_1.": "final_layer.adaLN_modulation.1.",
+        "proj_out_2.": "final_layer.linear.",
+    }
+    inner = {
+        "norm1.linear.": "adaLN_modulation.1.",
+        "attn1.to_out.0.": "attn.proj.",
+        "ff.net.0.proj.": "mlp.fc1.",
+        "ff.net.2.": "mlp.fc2.",
+    }
+    embedder_names = {
+        "norm1.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+        "norm1.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+        "norm1.emb.class_embedder.": "y_embedder.",
+    }
+    unknown = []
+    for key, value in state.items():
+        if not key.startswith("transformer_blocks."):
+            prefix = next((p for p in top if key.startswith(p)), None)
+            if prefix is None:
+                unknown.append(key)
+            else:
+                out[top[prefix] + key[len(prefix) :]] = value
+            continue
+        _, index, rest = key.split(".", 2)
+        if rest.startswith(("attn1.to_q.", "attn1.to_k.", "attn1.to_v.")):
+            continue  # joined below
+        prefix = next((p for p in embedder_names if rest.startswith(p)), None)
+        if prefix is not None:
+            embedders.setdefault(index, {})[embedder_names[prefix] + rest[len(prefix) :]] = value
+            continue
+        prefix = next((p for p in inner if rest.startswith(p)), None)
+        if prefix is None:
+            unknown.append(key)
+        else:
+            out[f"blocks.{index}.{inner[prefix]}{rest[len(prefix) :]}"] = value
+    if unknown:
+        raise ValueError(f"unexpected keys in the diffusers DiT state dict: {', '.join(unknown)}")
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        for kind in ("weight", "bias"):
+            parts = [state.get(f"transformer_blocks.{i}.attn1.to_{x}.{kind}") for x in "qkv"]
+            if any(p is None for p in parts):
+                raise ValueError(f"transformer_blocks.{i}.attn1 lacks one of to_q/to_k/to_v.{kind}")
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+    if not embedders:
+        raise ValueError("the diffusers DiT state dict has no timestep/label embedder")
+    first = embedders[str(blocks[0])]
+    for index, copy in embedders.items():
+        if copy.keys() != first.keys() or any(not torch.equal(copy[k], first[k]) for k in first):
+            raise ValueError(
+                f"transformer_blocks.{index}.norm1.emb differs from block {blocks[0]}'s copy; "
+                "DiT shares one timestep/label embedder across blocks"
+            )
+    out.update(first)
+    return out
+
+
+def dit_config_from_diffusers(cfg: dict) -> DiTConfig:
+    """`DiTConfig` for a diffusers `DiTTransformer2DModel` / `Transformer2DModel` config."""
+    if cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+        raise ValueError(
+            f"only adaLN-Zero DiT transformers convert; got norm_type={cfg['norm_type']!r}"
+        )
+    if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
+        raise ValueError(f"unsupported DiT activation {cfg['activation_fn']!r}")
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    in_channels = cfg["in_channels"]
+    out_channels = cfg.get("out_channels") or in_channels
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ValueError(f"out_channels={out_channels} is neither in_channels nor twice it")
+    return DiTConfig(
+        input_size=cfg["sample_size"],
+        patch_size=cfg["patch_size"],
+        in_channels=in_channels,
+        hidden_size=heads * head_dim,
+        depth=cfg["num_layers"],
+        num_heads=heads,
+        num_classes=cfg["num_embeds_ada_norm"],
+        learn_sigma=out_channels == 2 * in_channels,
+        freq_shift=1.0,
+        mlp_norm_eps=cfg.get("norm_eps", 1e-5),
+    )
+
+
+def dit_from_original_state_dict(
+    state: dict[str, torch.Tensor], num_heads: int | None = None, input_size: int | None = None
+) -> tuple[dict[str, torch.Tensor], DiTConfig]:
+    """Infer the `DiTConfig` of an original DiT/SiT state dict, check and drop `pos_embed`.
+
+    Heads default from the paper's sizes (by hidden width); the latent size comes from the
+    stored position table unless given.
+    """
+    state = dict(state)
+    proj = state.get("x_embedder.proj.weight")
+    if proj is None:
+        raise ValueError("not a DiT/SiT state dict: x_embedder.proj.weight is missing")
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    depth = sum(1 for k in state if k.startswith("blocks.") and k.endswith(".attn.qkv.weight"))
+    if num_heads is None:
+        by_width = {h: n for _, h, n in DIT_SIZES.values()}
+        if hidden not in by_width:
+            raise ValueError(f"hidden size {hidden} is not a named DiT size; pass the head count")
+        num_heads = by_width[hidden]
+    pos_embed = state.pop("pos_embed", None)
+    if pos_embed is not None:
+        grid = math.isqrt(pos_embed.shape[-2])
+        if input_size is None:
+            input_size = grid * patch
+        expected = sincos_2d(hidden, grid, grid)
+        if pos_embed.reshape(-1, hidden).shape != expected.shape or not torch.allclose(
+            pos_embed.reshape(-1, hidden).float(), expected, atol=1e-5
+        ):
+            raise ValueError("the stored pos_embed is not the fixed 2-D sin-cos table DiT uses")
+    if input_size is None:
+        raise ValueError("the state dict has no pos_embed; pass the latent size")
+    out_features = state["final_layer.linear.weight"].shape[0]
+    config = DiTConfig(
+        input_size=input_size,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=out_features == patch * patch * 2 * in_channels,
+        freq_shift=0.0,
+        mlp_norm_eps=1e-6,
+    )
+    return state, config
+
+
+def read_original_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of an original `.pt` file, read weights-only; a training checkpoint's EMA."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from None
+    if isinstance(obj, dict) and "ema" in obj:
+        obj = obj["ema"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet, VAE, scheduler
+
+
+def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
+    """`UNetConfig` for a diffusers `UNet2DModel` config (positional time embedding only)."""
+    checks = {
+        "time_embedding_type": "positional",
+        "act_fn": "silu",
+        "resnet_time_scale_shift": "default",
+        "class_embed_type": None,
+        "mid_block_type": "UNetMidBlock2D",
+        "downsample_type": "conv",
+        "upsample_type": "conv",
+    }
+    for key, value in checks.items():
+        if cfg.get(key, value) != value:
+            raise ValueError(f"unsupported UNet2DModel setting {key}={cfg[key]!r} (need {value!r})")
+    if cfg.get("attn_norm_num_groups") not in (None, cfg.get("norm_num_groups", 32)):
+        raise ValueError(
+            "UNet2DModel attn_norm_num_groups differing from norm_num_groups is not supported"
+        )
+    rows = cfg.get("num_class_embeds")
+    size = cfg.get("sample_size", 32)
+    if isinstance(size, (list, tuple)):
+        if size[0] != size[1]:
+            raise ValueError(f"only square UNets are supported, got sample_size={size}")
+        size = size[0]
+    return UNetConfig(
+        sample_size=size,
+        in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3),
+        block_out_channels=tuple(cfg["block_out_channels"]),
+        down_block_types=tuple(cfg["down_block_types"]),
+        up_block_types=tuple(cfg["up_block_types"]),
+        layers_per_block=cfg.get("layers_per_block", 2),
+        attention_head_dim=cfg.get("attention_head_dim", 8),
+        norm_num_groups=cfg.get("norm_num_groups", 32),
+        norm_eps=cfg.get("norm_eps", 1e-5),
+        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+        freq_shift=cfg.get("freq_shift", 0),
+        downsample_padding=cfg.get("downsample_padding", 1),
+        mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1),
+        add_attention=cfg.get("add_attention", True),
+        center_input_sample=cfg.get("center_input_sample", False),
+        time_embedding_dim=cfg.get("time_embedding_dim"),
+        # A diffusers class table cannot say whether its last row is a null label; a table
+        # from label-dropout training has num_classes + 1 rows, which is what we assume.
+        num_classes=None if rows is None else rows - 1,
+        null_label=True,
+    )
+
+
+def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
+    """`VAEConfig` for a diffusers `AutoencoderKL` config."""
+    for kind in cfg.get("up_block_types", ()):
+        if kind != "UpDecoderBlock2D":
+            raise ValueError(f"unsupported VAE up block {kind!r}")
+    if cfg.get("act_fn", "silu") != "silu" or cfg.get("norm_type", "group") != "group":
+        raise ValueError("only the SiLU/GroupNorm AutoencoderKL decoder is supported")
+    return VAEConfig(
+        latent_channels=cfg.get("latent_channels", 4),
+        out_channels=cfg.get("out_channels", 3),
+        block_out_channels=tuple(cfg.get("block_out_channels", (64,))),
+        layers_per_block=cfg.get("layers_per_block", 1),
+        norm_num_groups=cfg.get("norm_num_groups", 32),
+        mid_block_add_attention=cfg.get("mid_block_add_attention", True),
+        scaling_factor=cfg.get("scaling_factor") or 0.18215,
+    )
+
+
+_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
+
+
+def process_from_scheduler_config(cfg: dict) -> dict:
+    """The process definition a diffusers scheduler config describes."""
+    name = cfg.get("_class_name", "")
+    steps = cfg.get("num_train_timesteps", 1000)
+    if name.startswith("FlowMatch"):
+        return {
+            "type": "flow",
+            "shift": cfg.get("shift", 1.0),
+            "convention": "rf",
+            "num_train_timesteps": steps,
+            "prediction": "velocity",
+        }
+    if cfg.get("trained_betas") is not None:
+        raise ValueError("schedulers with explicit trained_betas are not supported")
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise ValueError(f"unsupported scheduler prediction_type {prediction!r}")
+    return {
+        "type": "vp",
+        "schedule": cfg.get("beta_schedule", "linear"),
+        "beta_start": cfg.get("beta_start", 0.0001),
+        "beta_end": cfg.get("beta_end", 0.02),
+        "num_train_timesteps": steps,
+        "prediction": _PREDICTIONS[prediction],
+    }
+
+
+def class_names_from_id2label(id2label: dict | None, num_classes: int | None) -> list[str] | None:
+    if not id2label:
+        return None
+    labels = {int(k): str(v) for k, v in id2label.items()}
+    if sorted(labels) != list(range(num_classes or 0)):
+        raise ValueError(f"id2label must name exactly the classes 0..{num_classes}-1")
+    return [labels[i] for i in range(num_classes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders and files
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
+    return json.loads(path.read_text())
+
+
+def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+    for name in DIFFUSERS_WEIGHTS:
+        if (folder / name).is_file():
+            return read_safetensors(folder / name)
+    pickles = sorted(folder.glob("*.bin"))
+    if pickles:
+        state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            return state
+    raise ValueError(f"{folder} holds no diffusers weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
+
+
+def read_diffusers_vae(folder: Path) -> VAEDecoder:
+    """The decoder of a diffusers `AutoencoderKL` folder (config.json + weights)."""
+    vae = VAEDecoder(vae_config_from_diffusers(_read_json(folder / "config.json")))
+    load_weights(vae, vae_decoder_state_dict(_diffusers_weights(folder)), f"VAE in {folder}")
+    return vae
+
+
+def convert_diffusers_pipeline(src: Path, dst: Path, name: str | None = None) -> Path:
+    """Convert a `DiTPipeline` or `DDPMPipeline` folder into a model directory at `dst`."""
+    index = _read_json(src / "model_index.json")
+    pipeline = index.get("_class_name")
+    process = process_from_scheduler_config(_read_json(src / "scheduler" / "scheduler_config.json"))
+    config = {"name": name or dst.name, "process": process, "source": f"diffusers {pipeline}"}
+    if pipeline == "DiTPipeline":
+        arch = dit_config_from_diffusers(_read_json(src / "transformer" / "config.json"))
+        backbone = DiT(arch)
+        state = dit_state_dict_from_diffusers(_diffusers_weights(src / "transformer"))
+        load_weights(backbone, state, f"transformer in {src}")
+        config.update(
+            family="dit",
+            class_names=class_names_from_id2label(index.get("id2label"), arch.num_classes),
+            guided_channels=arch.in_channels,  # DiTPipeline guides every latent channel
+        )
+        return save_model_dir(dst, backbone, config, vae=read_diffusers_vae(src / "vae"))
+    if pipeline == "DDPMPipeline":
+        arch = unet_config_from_diffusers(_read_json(src / "unet" / "config.json"))
+        backbone = UNet(arch)
+        load_weights(backbone, _diffusers_weights(src / "unet"), f"unet in {src}")
+        config.update(
+            family="unet",
+            class_names=class_names_from_id2label(index.get("id2label"), arch.num_classes),
+        )
+        return save_model_dir(dst, backbone, config)
+    raise ValueError(
+        f"unsupported diffusers pipeline {pipeline!r}; expected DiTPipeline or DDPMPipeline"
+    )
+
+
+def convert_original_checkpoint(
+    src: Path,
+    dst: Path,
+    family: str = "dit",
+    vae: Path | None = None,
+    class_names: list[str] | None = None,
+    num_heads: int | None = None,
+    input_size: int | None = None,
+    name: str | None = None,
+) -> Path:
+    """Convert an original DiT (`family="dit"`) or SiT (`"sit"`) `.pt` checkpoint."""
+    if family not in ("dit", "sit"):
+        raise ValueError(f"family must be 'dit' or 'sit', got {family!r}")
+    state, arch = dit_from_original_state_dict(read_original_checkpoint(src), num_heads, input_size)
+    backbone = DiT(arch)
+    load_weights(backbone, state, str(src))
+    config = {
+        "name": name or dst.name,
+        "family": family,
+        "process": DDPM_LINEAR_PROCESS if family == "dit" else SIT_PROCESS,
+        "class_names": class_names,
+        "guided_channels": min(ORIGINAL_DIT_GUIDED_CHANNELS, arch.in_channels),
+        "source": f"original {family.upper()} checkpoint {src.name}",
+    }
+    return save_model_dir(
+        dst, backbone, config, vae=None if vae is None else read_diffusers_vae(vae)
+    )
+
+
+def _read_class_names(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        return class_names_from_id2label(data, len(data))
+    if isinstance(data, list) and all(isinstance(x, str) for x in data):
+        return data
+    raise ValueError(f"{path} must hold a JSON list of names or an id -> name object")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="denoised convert",
+        description="Convert an original DiT/SiT .pt checkpoint or a diffusers DiT/DDPM "
+        "pipeline folder into a denoised model directory (config.json + safetensors).",
+    )
+    parser.add_argument("source", type=Path, help=".pt file or diffusers pipeline folder")
+    parser.add_argument("output", type=Path, help="model directory to write")
+    parser.add_argument("--family", choices=("dit", "sit"), default="dit", help="for .pt files")
+    parser.add_argument("--vae", type=Path, help="diffusers AutoencoderKL folder (for .pt files)")
+    parser.add_argument("--class-names", type=Path, help="JSON list or id2label object")
+    parser.add_argument("--num-heads", type=int, help="attention heads (default: by DiT size)")
+    parser.add_argument("--input-size", type=int, help="latent side (default: from pos_embed)")
+    parser.add_argument("--name", help="model name (default: the output folder's name)")
+    args = parser.parse_args(argv)
+    try:
+        if args.source.is_dir():
+            out = convert_diffusers_pipeline(args.source, args.output, args.name)
+        else:
+            names = _read_class_names(args.class_names) if args.class_names else None
+            out = convert_original_checkpoint(
+                args.source,
+                args.output,
+                args.family,
+                args.vae,
+                names,
+                args.num_heads,
+                args.input_size,
+                args.name,
+            )
+    except ValueError as e:
+        print(f"denoised convert: error: {e}")
+        return 2
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,240 @@
+"""DiT: the diffusion transformer of Peebles & Xie (2023), also the SiT backbone (Ma et al., 2024).
+
+Latents are cut into p x p patches, embedded, given a fixed 2-D sin-cos position table, and
+run through `depth` adaLN-Zero blocks conditioned on the sum of a timestep embedding and a
+class embedding. The class table has one extra row, id `num_classes`, the null label that
+classifier-free guidance feeds for the unconditional branch. With learned sigma the output
+has twice the input channels (noise prediction, then the variance interpolation); the
+server uses the first half.
+
+Parameter names follow the original DiT release, so its checkpoints load as they are;
+`models/convert.py` maps diffusers' `DiTTransformer2DModel` onto these names. Two settings
+tell the lineages apart: the timestep-frequency shift (original 0, diffusers 1) and the eps
+of the LayerNorm before the MLP (original 1e-6, diffusers 1e-5).
+
+Every timestep and label is per sample, so one batch can mix requests at different steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from denoised.kernels.attention import attention
+from denoised.models.architecture import Architecture
+from denoised.models.embeddings import sincos_2d, timestep_embedding
+
+# Width of the sinusoidal timestep features fed to the timestep MLP.
+TIME_FREQ_DIM = 256
+
+
+@dataclass(frozen=True)
+class DiTConfig(Architecture):
+    input_size: int = 32  # latent side (256 px images through an 8x VAE)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+
+# (depth, hidden size, heads) of the paper's model sizes.
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def dit_config(name: str, **overrides) -> DiTConfig:
+    """A named configuration such as "DiT-XL/2" (sizes S/B/L/XL, patch 2/4/8), with overrides."""
+    size, _, patch = name.removeprefix("DiT-").removeprefix("SiT-").partition("/")
+    if size not in DIT_SIZES or patch not in ("2", "4", "8"):
+        raise ValueError(f"unknown DiT configuration {name!r}; expected DiT-{{S,B,L,XL}}/{{2,4,8}}")
+    depth, hidden, heads = DIT_SIZES[size]
+    base = DiTConfig(patch_size=int(patch), hidden_size=hidden, depth=depth, num_heads=heads)
+    return replace(base, **overrides)
+
+
+# The two elementwise steps around every branch of a block; small and separate so that a fused
+# kernel can replace each of them.
+def layer_norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Affine-free LayerNorm of `x: [B, N, D]`, then the per-sample `(1 + scale) * . + shift`."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def gate_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """`x + gate * branch` with a per-sample gate `[B, D]`."""
+    return x + gate[:, None] * branch
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int, freq_shift: float):
+        super().__init__()
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(
+            nn.Linear(TIME_FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freqs = timestep_embedding(
+            t, TIME_FREQ_DIM, flip_sin_to_cos=True, freq_shift=self.freq_shift
+        )
+        return self.mlp(freqs.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with the null label as its last row (id `num_classes`)."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D/H]
+        out = attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """Attention and MLP branches, each normalised, modulated and gated by the conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float):
+        super().__init__()
+        self.mlp_norm_eps = mlp_norm_eps
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            c
+        ).chunk(6, dim=1)
+        x = gate_residual(
+            x, gate_msa, self.attn(layer_norm_modulate(x, shift_msa, scale_msa, 1e-6))
+        )
+        h = layer_norm_modulate(x, shift_mlp, scale_mlp, self.mlp_norm_eps)
+        return gate_residual(x, gate_mlp, self.mlp(h))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(layer_norm_modulate(x, shift, scale, 1e-6))
+
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(
+            c.in_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size
+        )
+        self.t_embedder = TimestepEmbedder(c.hidden_size, c.freq_shift)
+        self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size)
+        self.blocks = nn.ModuleList(
+            DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp_norm_eps)
+            for _ in range(c.depth)
+        )
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
+        self.grid = c.input_size // c.patch_size
+        self.register_buffer(
+            "pos_embed", sincos_2d(c.hidden_size, self.grid, self.grid), persistent=False
+        )
+
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes
+
+    def position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        if grid_h == grid_w == self.grid:
+            return self.pos_embed
+        return sincos_2d(self.config.hidden_size, grid_h, grid_w).to(self.pos_embed)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`x: [B, C, H, W]`, `t: [B]` in the model's time convention, `y: [B]` int64 labels
+        (None: the null label for every sample). Returns `[B, out_channels, H, W]`."""
+        p = self.config.patch_size
+        b, _, h, w = x.shape
+        if h % p or w % p:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
+        if y is None:
+            y = torch.full((b,), self.null_label, dtype=torch.long, device=x.device)
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.position_table(h // p, w // p)
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return self.unpatchify(self.final_layer(tokens, c), h // p, w // p)
+
+    def unpatchify(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """`[B, N, p*p*C] -> [B, C, H, W]` (patch pixels row-major, channels last)."""
+        p, c = self.config.patch_size, self.config.out_channels
+        x = tokens.reshape(-1, grid_h, grid_w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(-1, c, grid_h * p, grid_w * p)
+
+    @torch.no_grad()
+    def initialize_for_training(self) -> None:
+        """The paper's initialisation: Xavier-uniform linears, zeroed adaLN and output layers
+        (every block starts as the identity), N(0, 0.02) label and timestep embeddings."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)

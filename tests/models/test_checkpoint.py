@@ -1,0 +1,184 @@
+"""Model directories: round trips, and loud, specific refusals of anything inexact or unsafe."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from denoised.models.checkpoint import (
+    CONFIG_FILE,
+    VAE_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    load_model_dir,
+    save_model_dir,
+)
+from denoised.models.dit import DiT, DiTConfig
+from denoised.models.presets import DDPM_LINEAR_PROCESS
+from denoised.models.unet import UNet, UNetConfig
+from denoised.models.vae import VAEConfig, VAEDecoder
+
+TINY_DIT = DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+TINY_VAE = VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.manual_seed(0)
+    backbone, vae = DiT(TINY_DIT), VAEDecoder(TINY_VAE)
+    config = {"process": DDPM_LINEAR_PROCESS, "class_names": ["a", "b", "c"], "guided_channels": 3}
+    save_model_dir(tmp_path / "tiny", backbone, config, vae=vae)
+    return tmp_path / "tiny", backbone, vae
+
+
+def test_round_trip(model_dir):
+    path, backbone, vae = model_dir
+    loaded = load_model_dir(path)
+    assert loaded.name == "tiny" and loaded.config["family"] == "dit"
+    assert loaded.class_names == ["a", "b", "c"] and loaded.num_classes == 3
+    assert loaded.latent_shape == (4, 8, 8) and loaded.image_size == 16
+    assert (loaded.out_channels_used, loaded.guided_channels) == (4, 3)
+    assert loaded.process.to_config() == DDPM_LINEAR_PROCESS
+    assert not loaded.backbone.training
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 700.0]), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(loaded.backbone(x, t, y), backbone.eval()(x, t, y))
+        z = torch.randn(2, 4, 8, 8)
+        decoded = loaded.vae.decode(z)
+        assert torch.equal(decoded, vae.eval()(z / 0.18215).clamp(-1, 1))
+    assert decoded.shape == (2, 3, 16, 16)
+
+
+def test_loads_in_another_dtype(model_dir):
+    loaded = load_model_dir(model_dir[0], dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.backbone.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.vae.parameters()} == {torch.bfloat16}
+
+
+def test_unet_round_trip_without_vae(tmp_path):
+    config = UNetConfig(
+        sample_size=8,
+        block_out_channels=(16, 16),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+    )
+    save_model_dir(tmp_path / "u", UNet(config), {"process": DDPM_LINEAR_PROCESS})
+    loaded = load_model_dir(tmp_path / "u")
+    assert loaded.vae is None and loaded.num_classes is None and loaded.guided_channels == 0
+    assert loaded.latent_shape == (3, 8, 8) and loaded.image_size == 8
+
+
+def rewrite_weights(path, edit):
+    state = load_file(path / WEIGHTS_FILE)
+    edit(state)
+    save_file(state, path / WEIGHTS_FILE)
+
+
+def test_missing_key_is_named(model_dir):
+    path = model_dir[0]
+    rewrite_weights(path, lambda s: s.pop("blocks.1.attn.proj.weight"))
+    with pytest.raises(ValueError, match=r"missing keys \(1\): blocks\.1\.attn\.proj\.weight"):
+        load_model_dir(path)
+
+
+def test_extra_key_is_named(model_dir):
+    path = model_dir[0]
+    rewrite_weights(path, lambda s: s.update({"blocks.9.extra": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): blocks\.9\.extra"):
+        load_model_dir(path)
+
+
+def test_wrong_shape_is_named(model_dir):
+    path = model_dir[0]
+    rewrite_weights(path, lambda s: s.update({"final_layer.linear.bias": torch.zeros(7)}))
+    with pytest.raises(ValueError, match=r"final_layer\.linear\.bias: file \(7,\), model \(32,\)"):
+        load_model_dir(path)
+
+
+def test_all_problems_reported_together(model_dir):
+    path = model_dir[0]
+
+    def edit(s):
+        s.pop("x_embedder.proj.bias")
+        s["surplus"] = torch.zeros(1)
+        s["y_embedder.embedding_table.weight"] = torch.zeros(2, 32)
+
+    rewrite_weights(path, edit)
+    with pytest.raises(ValueError) as info:
+        load_model_dir(path)
+    message = str(info.value)
+    assert "x_embedder.proj.bias" in message and "surplus" in message
+    assert "y_embedder.embedding_table.weight: file (2, 32), model (4, 32)" in message
+
+
+def test_vae_mismatch_is_named(model_dir):
+    path = model_dir[0]
+    state = load_file(path / VAE_WEIGHTS_FILE)
+    state.pop("post_quant_conv.bias")
+    save_file(state, path / VAE_WEIGHTS_FILE)
+    with pytest.raises(
+        ValueError, match=r"vae\.safetensors.*missing keys \(1\): post_quant_conv\.bias"
+    ):
+        load_model_dir(path)
+
+
+def test_truncated_safetensors(model_dir):
+    path = model_dir[0]
+    data = (path / WEIGHTS_FILE).read_bytes()
+    (path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file"):
+        load_model_dir(path)
+
+
+def test_missing_weights_file(model_dir):
+    path = model_dir[0]
+    (path / WEIGHTS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"model\.safetensors does not exist"):
+        load_model_dir(path)
+
+
+def test_pickle_file_refused(tmp_path):
+    torch.save(DiT(TINY_DIT).state_dict(), tmp_path / "DiT-XL-2-256x256.pt")
+    with pytest.raises(ValueError, match=r"is a pickle checkpoint.*denoised convert"):
+        load_model_dir(tmp_path / "DiT-XL-2-256x256.pt")
+
+
+def test_folder_of_pickles_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pickle checkpoints \(pytorch_model\.bin\).*convert"):
+        load_model_dir(tmp_path)
+
+
+def test_diffusers_folder_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"diffusers pipeline folder.*denoised convert"):
+        load_model_dir(tmp_path)
+
+
+def test_config_errors(model_dir):
+    path = model_dir[0]
+    config = json.loads((path / CONFIG_FILE).read_text())
+    bad = {**config, "class_names": ["only-one"]}
+    (path / CONFIG_FILE).write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="1 class names but the model has 3 classes"):
+        load_model_dir(path)
+    bad = {k: v for k, v in config.items() if k != "process"}
+    (path / CONFIG_FILE).write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="lacks the required key 'process'"):
+        load_model_dir(path)
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "family": "gan"}))
+    with pytest.raises(ValueError, match="unknown model family 'gan'"):
+        load_model_dir(path)
+
+
+def test_save_validates(tmp_path):
+    with pytest.raises(ValueError, match="needs a 'process'"):
+        save_model_dir(tmp_path / "a", DiT(TINY_DIT), {})
+    with pytest.raises(ValueError, match="guided_channels=5"):
+        save_model_dir(
+            tmp_path / "b", DiT(TINY_DIT), {"process": DDPM_LINEAR_PROCESS, "guided_channels": 5}
+        )
+    assert not (tmp_path / "b").exists()
