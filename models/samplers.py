@@ -72,7 +72,7 @@ _SAMPLER_OPTIONS = {
     "heun": set(),
     "unipc": {"order", "lower_order_final"},
 }
-_ORDERS = {"dpmpp-2m": (1, 2, 3), "dpmpp-3m": (1, 2, 3), "dpmpp-2m-sde": (1, 2), "unipc": (1, 2)}
+_ORDERS = {"dpmpp-2m": (1, 2, 3), "dpmpp-3m": (1, 2, 3), "dpmpp-2m-sde": (1, 2), "unipc": (1, 2, 3)}
 _DEFAULT_ORDER = {"dpmpp-2m": 2, "dpmpp-3m": 3, "dpmpp-2m-sde": 2, "unipc": 2}
 
 
@@ -131,7 +131,7 @@ def build_plan(
     if name == "ddim":
         updates = _ddim(grid, float(options.get("eta", 0.0)))
     elif name in ("dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde"):
-        orders = _multistep_orders(grid, order, lower_order_final)
+        orders = _multistep_orders(grid, order, lower_order_final, below=15)
         updates = _dpmpp(grid, orders, sde=name == "dpmpp-2m-sde")
     elif name == "euler":
         updates = _euler(grid, process)
@@ -172,13 +172,16 @@ def _ddim(grid: Grid, eta: float) -> list[Update]:
     return updates
 
 
-def _multistep_orders(grid: Grid, order: int, lower_order_final: bool) -> list[int]:
-    """Per-step order: warm up from 1, and step down at the end of short grids (< 15 steps)."""
+def _multistep_orders(
+    grid: Grid, order: int, lower_order_final: bool, below: int | None = None
+) -> list[int]:
+    """Per-step order: warm up from 1 and, with ``lower_order_final`` (on grids of fewer than
+    ``below`` steps, or any grid when None), step down so that step i uses ≤ N − i points."""
     n = grid.steps
     orders = []
     for i in range(n):
         k = min(order, i + 1)
-        if lower_order_final and n < 15:
+        if lower_order_final and (below is None or n < below):
             k = min(k, n - i)
         if grid.sigma[i + 1] == 0.0:  # λ = +inf: only the first-order step is defined
             k = 1
@@ -198,17 +201,15 @@ def _dpmpp(grid: Grid, orders: list[int], sde: bool) -> list[Update]:
             a = si[i + 1] / si[i] * math.exp(-h)
             phi = al[i + 1] * -math.expm1(-2.0 * h)
             c = si[i + 1] * math.sqrt(-math.expm1(-2.0 * h))
-            half = 0.5
         else:  # x_n = (σ_n/σ)·x + α_n(1 − e^{−h})·(D + ½·D1) [+ higher terms]
             a = si[i + 1] / si[i]
             phi = al[i + 1] * -math.expm1(-h)
             c = 0.0
-            half = 0.5
         if k == 1:
             b = (phi,)
         elif k == 2:  # D1 = (D − D₋₁)/r0, r0 = h₋₁/h (the "midpoint" form)
             r0 = (lam[i] - lam[i - 1]) / h
-            b = (phi * (1.0 + half / r0), -phi * half / r0)
+            b = (phi * (1.0 + 0.5 / r0), -phi * 0.5 / r0)
         else:
             b = _dpmpp3_weights(
                 al[i + 1], h, (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
@@ -271,8 +272,83 @@ def _heun(grid: Grid, process: Process) -> list[Update]:
     return updates
 
 
+def _unipc_rhos(h: float, rks: list[float], solve_all: bool) -> tuple[np.ndarray, float, float]:
+    """UniPC-bh2 weights (Zhao et al., 2023) for the data prediction, and h·φ₁, B(h).
+
+    ``rks`` are the λ-offsets r_j of the earlier D's relative to h (the last entry is 1).
+    The predictor solves the system without its last row/column (``solve_all=False``),
+    the corrector the full one; orders 2 (predictor) and 1 (corrector) use ρ = ½.
+    """
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    b_h = math.expm1(hh)  # "bh2"
+    order = len(rks)
+    rows, rhs = [], []
+    h_phi_k, factorial = h_phi_1 / hh - 1.0, 1
+    for i in range(1, order + 1):
+        rows.append([r ** (i - 1) for r in rks])
+        rhs.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    if solve_all:
+        rhos = np.array([0.5]) if order == 1 else np.linalg.solve(np.array(rows), np.array(rhs))
+    elif order == 1:
+        rhos = np.zeros(0)
+    elif order == 2:
+        rhos = np.array([0.5])
+    else:
+        rhos = np.linalg.solve(np.array(rows)[:-1, :-1], np.array(rhs)[:-1])
+    return rhos, h_phi_1, b_h
+
+
+def _unipc_terms(grid: Grid, i: int, order: int, corrector: bool) -> tuple[float, np.ndarray]:
+    """The UniPC step from grid point i to i+1 as (x-coefficient, weights over D's).
+
+    Predictor (into point i+1, from x at point i): weights over D_i, D_{i−1}, …, D_{i−order+1}.
+    Corrector of point i+1, given its new D_{i+1}: only the change it makes to the predicted
+    x, as weights over D_{i+1}, D_i, …, D_{i−order+1} (x-coefficient 0).
+    """
+    al, si, lam = grid.alpha, grid.sigma, grid.logsnr
+    if si[i + 1] == 0.0:  # λ = +inf: the sample becomes its data prediction
+        return 0.0, np.array([al[i + 1]])
+    h = lam[i + 1] - lam[i]
+    rks = [(lam[i - j] - lam[i]) / h for j in range(1, order)] + [1.0]
+    rhos_p, h_phi_1, b_h = _unipc_rhos(h, rks, solve_all=False)
+    scale = -al[i + 1] * b_h
+    if not corrector:
+        weights = np.zeros(order)  # over D_i, D_{i−1}, …
+        weights[0] = -al[i + 1] * h_phi_1
+        rhos, offset = rhos_p, 0
+    else:
+        rhos_c = _unipc_rhos(h, rks, solve_all=True)[0]
+        weights = np.zeros(order + 1)  # over D_{i+1}, D_i, D_{i−1}, …
+        weights[0] += scale * rhos_c[-1]  # ρ_last·(D_{i+1} − D_i)
+        weights[1] -= scale * rhos_c[-1]
+        rhos, offset = rhos_c[:-1] - np.append(rhos_p, np.zeros(len(rhos_c) - 1 - len(rhos_p))), 1
+    for j in range(1, order):  # ρ_j·(D_{i−j} − D_i)/r_j
+        w = scale * rhos[j - 1] / rks[j - 1]
+        weights[offset + j] += w
+        weights[offset] -= w
+    return (si[i + 1] / si[i] if not corrector else 0.0), weights
+
+
 def _unipc(grid: Grid, orders: list[int]) -> list[Update]:
-    raise NotImplementedError
+    """UniPC: predictor into point i+1, then (after evaluating there) its corrector.
+
+    The engine evaluates the backbone at the *predicted* x; folding the corrector of that
+    point into the next predictor keeps each step linear in that x and the stored D's:
+    x_next = A·(x + Σ γ_m·D_{i−m}) + Σ β_m·D_{i−m}.
+    """
+    updates = []
+    for i, k in enumerate(orders):
+        a, beta = _unipc_terms(grid, i, k, corrector=False)  # over D_i, D_{i−1}, …
+        b = np.zeros(1 + max(len(beta), orders[i - 1] + 1 if i > 0 else 0))
+        b[: len(beta)] += beta
+        if i > 0:  # correct point i (predicted by step i−1 of order orders[i−1]) first
+            _, gamma = _unipc_terms(grid, i - 1, orders[i - 1], corrector=True)
+            b[: len(gamma)] += a * gamma
+        updates.append((i, a, tuple(np.trim_zeros(b, "b")) or (0.0,), 0.0))
+    return updates
 
 
 # --- per-request state -----------------------------------------------------------------------
