@@ -502,8 +502,9 @@ def step_batch(
     labels: Sequence[Tensor | None] | None = None,
     null_label: int | None = None,
     guided_channels: int | None = None,
-) -> None:
-    """Advance every state by one evaluation with a single ``model_fn`` call.
+) -> Tensor:
+    """Advance every state by one evaluation with a single ``model_fn`` call; returns the
+    evaluation's data predictions D, [Σ rows, C, H, W] in the order of ``states``.
 
     A state is guided when its guidance scale is not 1 and it has labels: its rows are
     evaluated a second time with ``null_label`` and combined as u + w·(c − u) on channels
@@ -554,6 +555,7 @@ def step_batch(
     )  # fmt: skip
     for i, state in enumerate(states):
         state.advance(x_next[starts[i] : starts[i + 1]], d[starts[i] : starts[i + 1]])
+    return d
 
 
 def sample(
