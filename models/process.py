@@ -6,10 +6,10 @@ and the samplers only ever see these (α, σ) pairs and their log signal-to-nois
 
 * ``VPProcess`` — discrete variance-preserving schedules (DDPM; Ho et al., 2020) with
   ``linear``, ``scaled_linear`` and ``squaredcos_cap_v2`` (Nichol & Dhariwal, 2021) betas.
-  Its native time is the training-timestep index ``τ ∈ [0, T−1]`` made continuous: the
-  noise-to-signal ratio ``σ̃ = σ/α`` is interpolated linearly between integer timesteps, and
-  the inverse map (used by grids laid out in σ̃ or λ) interpolates log σ̃ — the two
-  conventions diffusers-trained pipelines use. The backbone is fed τ itself.
+  Its native time is the training-timestep index ``τ ∈ [0, T−1]`` made continuous by
+  interpolating log σ̃ (σ̃ = σ/α, the noise-to-signal ratio) linearly between integer
+  timesteps, so τ ↔ σ̃ is exactly invertible (grids laid out in σ̃ or λ map back to the same
+  σ̃). At integer τ, α² is the schedule's ᾱ_τ exactly. The backbone is fed τ itself.
 * ``FlowProcess`` — flow matching / rectified flow (Lipman et al., 2023; Liu et al., 2023):
   ``x = (1−σ)·x0 + σ·ε``, velocity ``ε − x0``. Native time is σ ∈ [0, 1]. The ``"rf"``
   convention feeds the backbone ``1000·σ`` (``num_train_timesteps·σ``); the ``"sit"``
@@ -83,6 +83,10 @@ class Process(ABC):
     @abstractmethod
     def model_time(self, t: np.ndarray) -> np.ndarray:
         """The value the backbone is fed at native times ``t``."""
+
+    @abstractmethod
+    def native_time(self, model_time: np.ndarray) -> np.ndarray:
+        """Inverse of ``model_time``."""
 
     @abstractmethod
     def prediction_coefficients(
@@ -167,9 +171,9 @@ class VPProcess(Process):
         self._log_sigma_ratios = np.log(self.sigma_ratios)
 
     def sigma_ratio(self, t: np.ndarray) -> np.ndarray:
-        """σ̃(τ) by linear interpolation between training timesteps."""
+        """σ̃(τ), interpolating log σ̃ linearly between training timesteps."""
         grid = np.arange(self.num_train_timesteps, dtype=np.float64)
-        return np.interp(np.asarray(t, dtype=np.float64), grid, self.sigma_ratios)
+        return np.exp(np.interp(np.asarray(t, dtype=np.float64), grid, self._log_sigma_ratios))
 
     def time_at_sigma_ratio(self, sigma_ratio: np.ndarray) -> np.ndarray:
         """Native τ whose σ̃ is ``sigma_ratio``, interpolating log σ̃ (clamped to [0, T−1])."""
@@ -184,6 +188,9 @@ class VPProcess(Process):
 
     def model_time(self, t: np.ndarray) -> np.ndarray:
         return np.asarray(t, dtype=np.float64)
+
+    def native_time(self, model_time: np.ndarray) -> np.ndarray:
+        return np.asarray(model_time, dtype=np.float64)
 
     def prediction_coefficients(self, alpha, sigma):
         alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
@@ -251,6 +258,10 @@ class FlowProcess(Process):
     def model_time(self, t: np.ndarray) -> np.ndarray:
         sigma = np.asarray(t, dtype=np.float64)
         return 1.0 - sigma if self.convention == "sit" else sigma * self.num_train_timesteps
+
+    def native_time(self, model_time: np.ndarray) -> np.ndarray:
+        t = np.asarray(model_time, dtype=np.float64)
+        return 1.0 - t if self.convention == "sit" else t / self.num_train_timesteps
 
     def prediction_coefficients(self, alpha, sigma):
         alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
