@@ -1,18 +1,98 @@
-"""The `denoised` command line."""
+"""The `denoised` command line.
+
+    denoised serve                      serve the shipped default models on 127.0.0.1:8000
+    denoised serve --model DIR [...]    serve model directories (repeat --model for several)
+    denoised convert SRC OUT            turn a DiT/SiT .pt or a diffusers folder into a model dir
+
+Every `serve` flag has an environment variable (`DENOISED_<FLAG>`, e.g. DENOISED_MAX_BATCH,
+DENOISED_MODELS=dir1,dir2); a flag given on the command line wins.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+from denoised.server.settings import BATCHING_MODES, DEVICES, DTYPES, settings_from_env
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    serve = sub.add_parser(
+        "serve",
+        help="serve models over HTTP",
+        description="Serve models over HTTP (OpenAI-shaped and native endpoints).",
+    )
+    add = serve.add_argument
+    add(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="DIR",
+        help="model directory (repeatable; default: the shipped zoo models) [DENOISED_MODELS]",
+    )
+    add("--host", help="interface to bind (default 127.0.0.1) [DENOISED_HOST]")
+    add("--port", type=int, help="port (default 8000) [DENOISED_PORT]")
+    add(
+        "--max-batch",
+        type=int,
+        help="samples per backbone forward; a guided sample counts twice (default 64)",
+    )
+    add(
+        "--max-queue",
+        type=int,
+        help="requests waiting for their first step before new ones get 429 (default 256)",
+    )
+    add("--device", choices=DEVICES, help="default auto: cuda when available")
+    add("--dtype", choices=DTYPES, help="backbone dtype; auto: float32 on cpu, bfloat16 on cuda")
+    add(
+        "--batching",
+        choices=BATCHING_MODES,
+        help="step: step-level batching (default); request: equal parameters only, each "
+        "batch run to completion (for comparison)",
+    )
+    add(
+        "--drain-seconds",
+        type=float,
+        help="on SIGTERM, how long admitted requests may take to finish (default 30)",
+    )
+    add("--max-n", type=int, help="most images per request (default 16)")
+    add("--max-steps", type=int, help="most sampler steps per request (default 1000)")
+    add(
+        "--no-warmup",
+        dest="warmup",
+        action="store_const",
+        const=False,
+        help="skip the warm-up generation before /ready",
+    )
+    return serve  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="denoised", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        from denoised.models.convert import main as convert_main
+
+        return convert_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="denoised", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="serve models over HTTP")
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        print("denoised: the serving engine is not built yet (see the issue tracker).")
-        return 1
+    _serve_parser(sub)
+    sub.add_parser("convert", help="convert a checkpoint into a model directory",
+                   add_help=False)  # fmt: skip
+    args = vars(parser.parse_args(argv))
+    args.pop("command")
+    try:
+        settings = settings_from_env(**args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for directory in settings.models:
+        if not (Path(directory) / "config.json").is_file():
+            parser.error(f"{directory} is not a model directory (no config.json)")
+    from denoised.server.launcher import serve
+
+    serve(settings)
     return 0
 
 

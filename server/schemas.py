@@ -205,7 +205,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "denoised"
-    family: str | None = Field(description="diffusion or flow")
+    architecture: str = Field(description="Backbone family: dit, sit or unet")
+    process: str = Field(description="Noise process: vp (diffusion) or flow")
     prediction: str = Field(description="What the backbone predicts: epsilon, v, sample, velocity")
     classes: list[str] | None = Field(description="Class names, or null if unconditional")
     sizes: list[str]
@@ -237,6 +238,6 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    status: Literal["loading", "ready", "draining"]
+    status: Literal["loading", "ready", "draining", "failed"]
     models: list[str]
     detail: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,358 @@
+"""The HTTP API (FastAPI): two generation endpoints (OpenAI-shaped and native), the model
+list, health, readiness and metrics. Handlers validate, submit a job to the engine and await
+it — or stream its progress as Server-Sent Events — and cancel it if the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from denoised.server.engine import Engine
+from denoised.server.errors import APIError, error_body, install_error_handlers
+from denoised.server.imaging import MEDIA_TYPES
+from denoised.server.jobs import Job, JobError, JobResult, QueueFull
+from denoised.server.lifecycle import ServerState
+from denoised.server.middleware import RequestContextMiddleware
+from denoised.server.registry import FieldError, UnknownModel
+from denoised.server.schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    GenerationInfo,
+    Health,
+    ImageData,
+    ImagesRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    ProgressEvent,
+    Readiness,
+    SamplingFields,
+    Timings,
+)
+from denoised.server.settings import Settings
+
+API_DESCRIPTION = """
+Image generation from trained diffusion and flow-matching models.
+
+Every active request — whatever its sampler, step count, guidance scale or progress —
+shares one backbone forward per engine iteration (step-level batching).
+
+* `POST /v1/images/generations`: the OpenAI Images API shape; `prompt` is a class name.
+* `POST /v1/generate`: the native endpoint; `label` is a class name or id.
+* `stream: true` on either: Server-Sent Events `progress` (per model evaluation), then
+  `completed` (the full response) or `error`.
+* Errors: `{"error": {"message", "type", "param", "code", "request_id"}}`.
+"""
+
+
+def _error_responses(*codes: int) -> dict:
+    meanings = {
+        400: "Malformed JSON",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Body too large",
+        422: "Invalid field (the message names it and the allowed values)",
+        429: "Queue full; see Retry-After",
+        500: "Internal error (with a request id)",
+        503: "Loading or shutting down",
+        504: "The request's timeout passed",
+    }
+    return {c: {"model": ErrorResponse, "description": meanings[c]} for c in codes}
+
+
+_GENERATION_RESPONSES = {
+    200: {
+        "description": "Images as JSON (`b64_json`), the raw file (`bytes`), or an event stream",
+        "content": {
+            "image/png": {},
+            "image/webp": {},
+            "application/x-npy": {},
+            "text/event-stream": {
+                "example": 'event: progress\ndata: {"id": "req_1", "step": 1, "total": 20}\n\n'
+                'event: completed\ndata: {"id": "req_1", ...}\n\n'
+            },
+        },
+    },
+    **_error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
+}
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer-token check when API keys are configured (constant-time comparison)."""
+    keys = request.app.state.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    ok = scheme.lower() == "bearer" and any(
+        hmac.compare_digest(token.encode(), key.encode()) for key in keys
+    )
+    if not ok:
+        raise APIError(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _info(job: Job) -> dict:
+    p = job.params
+    return GenerationInfo(
+        id=p.request_id,
+        model=p.model,
+        label=p.label_name,
+        seed=p.seed,
+        sampler=p.sampler,
+        steps=p.steps,
+        nfe=p.nfe,
+        guidance_scale=p.guidance_scale,
+        sampler_options=p.sampler_options,
+        size=p.size,
+        output_format=p.output_format,
+    ).model_dump()
+
+
+def _images(result: JobResult) -> list[ImageData]:
+    return [
+        ImageData(b64_json=base64.b64encode(data).decode("ascii"), index=i)
+        for i, data in enumerate(result.files)
+    ]
+
+
+def _render_json(openai_shape: bool, job: Job, result: JobResult) -> dict:
+    created = int(time.time())
+    if openai_shape:
+        return ImagesResponse(**_info(job), created=created, data=_images(result)).model_dump()
+    timings = Timings(queue_seconds=result.queue_seconds, total_seconds=result.total_seconds)
+    return GenerateResponse(
+        **_info(job), created=created, images=_images(result), timings=timings
+    ).model_dump()
+
+
+def _as_api_error(exc: JobError) -> APIError:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+    return APIError(exc.status, exc.message, kind=exc.kind, headers=headers)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _result(request: Request, engine: Engine, job: Job) -> JobResult | None:
+    """The job's result, or None if the client left first (the job is then cancelled)."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({job.result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not job.result.done():
+        engine.cancel(job)
+        return None
+    try:
+        return job.result.result()
+    except JobError as exc:
+        raise _as_api_error(exc) from None
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _event_stream(engine: Engine, job: Job, openai_shape: bool) -> AsyncIterator[bytes]:
+    p = job.params
+    try:
+        while (progress := await job.events.get()) is not None:
+            preview = None
+            if progress.preview is not None:
+                png = await run_in_threadpool(engine.render_preview, p.model, progress.preview)
+                preview = base64.b64encode(png).decode("ascii")
+            event = ProgressEvent(
+                id=p.request_id, step=progress.step, total=progress.total, preview=preview
+            )
+            yield _sse("progress", event.model_dump(exclude_none=True))
+        try:
+            result = job.result.result()
+        except JobError as exc:
+            yield _sse("error", error_body(_as_api_error(exc), p.request_id))
+            return
+        yield _sse("completed", _render_json(openai_shape, job, result))
+    finally:  # the client went away (or the stream ended): nothing more to compute
+        if not job.result.done():
+            engine.cancel(job)
+
+
+async def _generate(
+    request: Request,
+    body: SamplingFields,
+    label: str | int | None,
+    label_param: str,
+    openai_shape: bool,
+) -> Response:
+    server = _state(request)
+    engine, registry = server.ready_engine()
+    request_id = request.state.request_id
+    try:
+        model = registry.get(body.model)
+    except UnknownModel as exc:
+        raise APIError(404, str(exc), param="model") from None
+    try:
+        params, sampler_state = model.prepare(
+            body, label, label_param, server.settings, request_id, engine.device
+        )
+    except FieldError as exc:
+        raise APIError(422, str(exc), param=exc.param) from None
+    job = Job(params, sampler_state, asyncio.get_running_loop())
+    try:
+        engine.submit(job)
+    except JobError as exc:
+        raise _as_api_error(exc) from None
+
+    headers = {"X-Seed": str(params.seed), "X-Model": params.model}
+    if params.stream:
+        return StreamingResponse(
+            _event_stream(engine, job, openai_shape),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    result = await _result(request, engine, job)
+    if result is None:  # nobody to answer
+        return Response(status_code=499)
+    if params.response_format == "bytes":
+        return Response(
+            result.files[0], media_type=MEDIA_TYPES[params.output_format], headers=headers
+        )
+    return Response(
+        json.dumps(_render_json(openai_shape, job, result)),
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    server = ServerState(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.stop)
+
+    app = FastAPI(
+        title="denoised",
+        version="0.1.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    app.state.api_keys = settings.all_api_keys()
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    guarded = [Depends(require_api_key)]
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        responses=_GENERATION_RESPONSES,
+        dependencies=guarded,
+        tags=["generation"],
+        summary="Generate images (OpenAI Images API shape)",
+    )
+    async def images_generations(body: ImagesRequest, request: Request) -> Response:
+        """`prompt` names a class of the model (omit it for unconditional generation).
+        Accepts the extension fields `sampler`, `steps`, `guidance_scale`, `seed`,
+        `sampler_options`, `output_format`, `timeout`, `stream` and `preview`."""
+        return await _generate(request, body, body.prompt, "prompt", openai_shape=True)
+
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses=_GENERATION_RESPONSES,
+        dependencies=guarded,
+        tags=["generation"],
+        summary="Generate images (native)",
+    )
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        """`label` is a class name or a class id. The response echoes every resolved
+        parameter (the seed too) and the request's queue and total time."""
+        return await _generate(request, body, body.label, "label", openai_shape=False)
+
+    @app.get(
+        "/v1/models",
+        response_model=ModelList,
+        dependencies=guarded,
+        tags=["models"],
+        responses=_error_responses(401, 503),
+        summary="Served models (OpenAI list shape) with classes, sizes, samplers and defaults",
+    )
+    async def list_models(request: Request) -> ModelList:
+        _, registry = _state(request).ready_engine()
+        return ModelList(data=[m.card() for m in registry.models.values()])
+
+    @app.get(
+        "/v1/models/{model_id}",
+        response_model=ModelCard,
+        dependencies=guarded,
+        tags=["models"],
+        responses=_error_responses(401, 404, 503),
+        summary="One served model",
+    )
+    async def get_model(model_id: str, request: Request) -> ModelCard:
+        _, registry = _state(request).ready_engine()
+        try:
+            return registry.get(model_id).card()
+        except UnknownModel as exc:
+            raise APIError(404, str(exc), param="model_id") from None
+
+    @app.get("/health", response_model=Health, tags=["operations"], summary="Process alive")
+    async def health() -> Health:
+        return Health()
+
+    @app.get(
+        "/ready",
+        response_model=Readiness,
+        tags=["operations"],
+        responses={503: {"model": Readiness, "description": "Loading, draining or failed"}},
+        summary="Models loaded and warmed, and not draining",
+    )
+    async def ready(request: Request) -> Response:
+        server = _state(request)
+        models = list(server.registry.models) if server.registry else []
+        detail = {"error": server.error} if server.error else {}
+        body = Readiness(
+            ready=server.status == "ready", status=server.status, models=models, detail=detail
+        )
+        return Response(
+            body.model_dump_json(),
+            status_code=200 if body.ready else 503,
+            media_type="application/json",
+        )
+
+    metrics_guard = guarded if settings.metrics_auth else []
+
+    @app.get(
+        "/metrics",
+        dependencies=metrics_guard,
+        tags=["operations"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}},
+        summary="Prometheus metrics (names prefixed denoised_)",
+    )
+    async def metrics(request: Request) -> Response:
+        content, content_type = _state(request).metrics.render()
+        return Response(content, media_type=content_type)
+
+    return app

@@ -1,0 +1,314 @@
+"""The engine: one dedicated thread owns the device and the loaded models and loops —
+the batcher picks the requests for the next forward, a `ModelRunner` advances them by one
+model evaluation, finished requests leave at once and are decoded and encoded on a small
+thread pool (off the engine thread). HTTP handlers on the event loop `submit` jobs and await
+their futures; cancellation, deadlines and draining are checked once per iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from denoised.server.batcher import Candidate, make_batcher
+from denoised.server.imaging import encode_image, encode_stack_npy, preview_png, to_unit_range
+from denoised.server.jobs import (
+    Draining,
+    GenerationParams,
+    Job,
+    JobError,
+    JobResult,
+    Progress,
+    QueueFull,
+)
+from denoised.server.metrics import Metrics
+from denoised.server.registry import ModelRegistry
+from denoised.server.runner import ModelRunner
+from denoised.server.schemas import SamplingFields
+from denoised.server.settings import Settings
+
+log = logging.getLogger("denoised.engine")
+
+
+def _candidate(job: Job) -> Candidate:
+    p = job.params
+    return Candidate(
+        id=job.seq,
+        model=p.model,
+        shape=p.latent_shape,
+        samples=p.n,
+        guided=p.guided,
+        params=p.batch_key,
+    )
+
+
+def _memory_reader(device: torch.device):
+    if device.type == "cuda":
+        return lambda: float(torch.cuda.memory_allocated(device))
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> float:
+        with open("/proc/self/statm") as fh:
+            return float(int(fh.read().split()[1]) * page)
+
+    return rss
+
+
+@dataclass
+class _WarmupItem:
+    """A request-shaped probe for warm-up, run before the engine admits anything."""
+
+    params: GenerationParams
+    state: Any
+
+
+class Engine:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        metrics: Metrics,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.metrics = metrics
+        self.device = device
+        self.runners = {name: ModelRunner(m.loaded, dtype) for name, m in registry.models.items()}
+        self.batcher = make_batcher(settings.batching, settings.max_batch)
+        self._jobs: list[Job] = []  # admitted and unfinished, oldest first
+        self._finishing = 0  # finished jobs still being decoded/encoded
+        self._cv = threading.Condition()
+        self._draining = False
+        self._stopping = False
+        self._request_seconds = 1.0  # running mean, for Retry-After
+        self._pool = ThreadPoolExecutor(settings.encode_threads, "denoised-finish")
+        self._thread = threading.Thread(target=self._loop, name="denoised-engine", daemon=True)
+        for name in registry.models:
+            metrics.register_model(name, tuple(registry.models[name].card().samplers))
+        if device.type == "cuda" or os.path.exists("/proc/self/statm"):
+            metrics.watch_device_memory(str(device), _memory_reader(device))
+
+    # ---- event-loop side -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Admit a job, or raise `Draining` (503) / `QueueFull` (429)."""
+        labels = {"model": job.params.model, "sampler": job.params.sampler}
+        with self._cv:
+            if self._draining:
+                self.metrics.requests.labels(**labels, status="rejected").inc()
+                raise Draining()
+            waiting = sum(1 for j in self._jobs if j.started_at is None)
+            if waiting >= self.settings.max_queue:
+                self.metrics.requests.labels(**labels, status="rejected").inc()
+                raise QueueFull(retry_after=max(1, math.ceil(self._request_seconds)))
+            self._jobs.append(job)
+            self._update_gauges()
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job at the start of the next iteration (its client went away)."""
+        job.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def drain(self) -> None:
+        """Stop admitting; work already admitted runs to completion."""
+        with self._cv:
+            self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._jobs and self._finishing == 0
+
+    def stop(self) -> None:
+        """End the loop after the current iteration; jobs still admitted fail with 503."""
+        with self._cv:
+            self._stopping = True
+            self._draining = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._pool.shutdown(wait=True)
+
+    def render_preview(self, model: str, prediction: torch.Tensor) -> bytes:
+        """PNG of a [1, C, h, w] data prediction (decoded by the VAE for latent models)."""
+        image = self._to_images(model, prediction)
+        return preview_png(to_unit_range(image)[0], self.settings.preview_size)
+
+    # ---- warm-up (before start) ------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One short guided generation per model: first-call costs are paid before /ready."""
+        for name, served in self.registry.models.items():
+            fields = SamplingFields(n=1, steps=2, guidance_scale=2.0 if served.classes else 1.0)
+            label = 0 if served.classes else None
+            params, state = served.prepare(
+                fields, label, "label", self.settings, "warmup", self.device
+            )
+            item = _WarmupItem(params, state)
+            while not state.done:
+                outcome = self.runners[name].step([item])
+                if outcome.failed:
+                    raise RuntimeError(f"warm-up of {name!r} failed: {outcome.failed[0]}")
+            self._to_images(name, state.x)
+            log.info("warmed up %s", name)
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    leftover, self._jobs = self._jobs, []
+                    break
+                jobs = list(self._jobs)
+            live = [job for job in jobs if not self._reaped(job)]
+            if live:
+                by_seq = {job.seq: job for job in live}
+                chosen = [by_seq[c.id] for c in self.batcher.select([_candidate(j) for j in live])]
+                self._iterate(chosen)
+            with self._cv:
+                self._update_gauges()
+        for job in leftover:
+            self._end(job, Draining("the server stopped before this request finished"), "failed")
+
+    def _reaped(self, job: Job) -> bool:
+        if job.cancelled:
+            self._end(job, JobError(499, "cancelled by the client", "cancelled"), "cancelled")
+            return True
+        if time.monotonic() > job.deadline:
+            p = job.params
+            done = job.state.step_index
+            message = f"timeout of {p.timeout:g} s exceeded after {done} of {p.nfe} evaluations"
+            self.metrics.deadline_misses.labels(model=p.model).inc()
+            self._end(job, JobError(504, message, "timeout"), "timeout")
+            return True
+        return False
+
+    def _iterate(self, jobs: list[Job]) -> None:
+        model = jobs[0].params.model
+        now = time.monotonic()
+        first = {job for job in jobs if job.started_at is None}
+        for job in first:
+            job.started_at = now
+            self.metrics.queue_wait.labels(model=model).observe(now - job.admitted_at)
+
+        started = time.perf_counter()
+        predictions, failed = self._step_isolating(self.runners[model], jobs)
+        elapsed = time.perf_counter() - started
+        rows = sum(j.params.n * (2 if j.params.guided else 1) for j in jobs)
+        self.metrics.forward_seconds.labels(model=model).observe(elapsed)
+        self.metrics.batch_samples.labels(model=model).observe(rows)
+        self.metrics.batch_requests.labels(model=model).observe(len(jobs))
+
+        now = time.monotonic()
+        for job in jobs:
+            p = job.params
+            if job in failed:
+                log.error("request %s failed: %s", p.request_id, failed[job])
+                self._end(job, JobError(500, failed[job], "internal_error"), "failed")
+                continue
+            self.metrics.steps.labels(model=model, sampler=p.sampler).inc()
+            if job in first:
+                self.metrics.time_to_first_step.labels(model=model).observe(now - job.admitted_at)
+            if job.events is not None:
+                preview = predictions[job][:1].float().cpu() if p.preview else None
+                job.post_progress(Progress(job.state.step_index, p.nfe, preview))
+            if job.state.done:
+                self._complete(job)
+
+    def _step_isolating(self, runner: ModelRunner, jobs: list[Job]):
+        """Run one step; if the batch raises, split it until the failing requests are alone,
+        so one bad request fails by itself and its batch-mates still advance."""
+        try:
+            outcome = runner.step(jobs)
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("step failed for request %s", jobs[0].params.request_id)
+                return {}, {jobs[0]: f"the model step failed: {type(exc).__name__}"}
+            half = len(jobs) // 2
+            left = self._step_isolating(runner, jobs[:half])
+            right = self._step_isolating(runner, jobs[half:])
+            return {**left[0], **right[0]}, {**left[1], **right[1]}
+        predictions = dict(zip(jobs, outcome.predictions, strict=True))
+        return predictions, {jobs[i]: why for i, why in outcome.failed.items()}
+
+    def _remove(self, job: Job, finishing: bool) -> None:
+        with self._cv:
+            if job in self._jobs:
+                self._jobs.remove(job)
+            if finishing:
+                self._finishing += 1
+
+    def _end(self, job: Job, error: JobError, status: str) -> None:
+        self._remove(job, finishing=False)
+        p = job.params
+        self.metrics.requests.labels(model=p.model, sampler=p.sampler, status=status).inc()
+        job.finish(error)
+
+    def _complete(self, job: Job) -> None:
+        self._remove(job, finishing=True)
+        self._pool.submit(self._finalize, job, job.state.x)
+
+    # ---- finishing pool --------------------------------------------------------------------
+    def _to_images(self, model: str, x: torch.Tensor) -> np.ndarray:
+        """Samples in model space → [n, C, H, W] float32 numpy in [-1, 1]-ish pixel space."""
+        vae = self.registry.models[model].loaded.vae
+        with torch.inference_mode():
+            if vae is not None:
+                x = vae.decode(x)
+            return x.float().cpu().numpy()
+
+    def _finalize(self, job: Job, x: torch.Tensor) -> None:
+        p = job.params
+        try:
+            pixels = to_unit_range(self._to_images(p.model, x))
+            if p.response_format == "bytes" and p.output_format == "npy":
+                files = [encode_stack_npy(pixels)]
+            else:
+                files = [encode_image(image, p.output_format) for image in pixels]
+            now = time.monotonic()
+            total = now - job.admitted_at
+            result = JobResult(pixels, files, job.started_at - job.admitted_at, total)
+            self.metrics.images.labels(model=p.model).inc(p.n)
+            self.metrics.request_duration.labels(model=p.model).observe(total)
+            self.metrics.requests.labels(model=p.model, sampler=p.sampler, status="ok").inc()
+            self._request_seconds += 0.1 * (total - self._request_seconds)
+            job.finish(result)
+        except Exception as exc:
+            log.exception("encoding failed for request %s", p.request_id)
+            self.metrics.requests.labels(model=p.model, sampler=p.sampler, status="failed").inc()
+            job.finish(
+                JobError(500, f"decoding the images failed: {type(exc).__name__}", "internal_error")
+            )
+        finally:
+            with self._cv:
+                self._finishing -= 1
+
+    def _update_gauges(self) -> None:
+        """Queue depth and active requests per model (call with the lock held)."""
+        for name in self.registry.models:
+            waiting = sum(1 for j in self._jobs if j.params.model == name and j.started_at is None)
+            active = sum(
+                1 for j in self._jobs if j.params.model == name and j.started_at is not None
+            )
+            self.metrics.queue_depth.labels(model=name).set(waiting)
+            self.metrics.active_requests.labels(model=name).set(active)

@@ -1,0 +1,84 @@
+"""The server's life: loading (models load and warm up on a background thread while /health
+already answers), ready, draining (SIGTERM: no new work, in-flight work finishes), stopped."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from denoised.server.engine import Engine
+from denoised.server.errors import APIError
+from denoised.server.metrics import Metrics
+from denoised.server.registry import (
+    ModelRegistry,
+    default_model_dirs,
+    load_registry,
+    resolve_device,
+)
+from denoised.server.settings import Settings
+
+log = logging.getLogger("denoised.server")
+
+
+class ServerState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry: ModelRegistry | None = None
+        self.engine: Engine | None = None
+        self.status = "loading"  # loading | ready | draining | failed
+        self.error: str | None = None
+        self._loader = threading.Thread(target=self._load, name="denoised-loader", daemon=True)
+
+    def start(self) -> None:
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            device, dtype = resolve_device(self.settings)
+            dirs = list(self.settings.models) or default_model_dirs()
+            log.info("loading %s on %s (%s)", ", ".join(map(str, dirs)), device, dtype)
+            registry = load_registry(dirs, device, dtype)
+            engine = Engine(registry, self.settings, self.metrics, device, dtype)
+            if self.settings.warmup:
+                engine.warm_up()
+            engine.start()
+        except Exception as exc:
+            log.exception("loading the models failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.status = "failed"
+            return
+        self.registry, self.engine = registry, engine
+        if self.status == "loading":
+            self.status = "ready"
+            self.metrics.ready.set(1)
+            log.info("ready: %s", ", ".join(registry.models))
+        else:  # a drain began while loading
+            engine.drain()
+
+    def ready_engine(self) -> tuple[Engine, ModelRegistry]:
+        """The engine and models, or the 503 that explains why there are none."""
+        if self.status == "ready":
+            return self.engine, self.registry
+        reasons = {
+            "loading": "the models are still loading",
+            "draining": "the server is shutting down",
+            "failed": f"the models failed to load: {self.error}",
+        }
+        raise APIError(503, reasons[self.status], headers={"Retry-After": "5"})
+
+    def begin_drain(self) -> None:
+        """Stop admitting (new generation requests and /ready answer 503)."""
+        if self.status in ("loading", "ready"):
+            self.status = "draining"
+        self.metrics.ready.set(0)
+        if self.engine is not None:
+            self.engine.drain()
+
+    @property
+    def idle(self) -> bool:
+        return self.engine is None or self.engine.idle
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()

@@ -1,0 +1,262 @@
+"""The served models: loading them, describing them (`GET /v1/models`), and turning an API
+request into validated `GenerationParams` plus its sampler state."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import denoised.models.zoo as zoo
+from denoised.models.checkpoint import build_backbone, load_model_dir, save_model_dir
+from denoised.models.samplers import SAMPLER_NAMES, create_sampler
+from denoised.server.jobs import GenerationParams
+from denoised.server.schemas import ModelCard, ModelDefaults, SamplingFields
+from denoised.server.settings import Settings
+
+# The zoo models `denoised serve` serves when no model is named, in this order.
+DEFAULT_ZOO_MODELS = ("digits-dit", "digits-flow", "digits-unet")
+
+
+def default_model_dirs() -> list[Path]:
+    """The shipped zoo models; while none are trained yet, a random-weight `digits-dit` built
+    from the zoo recipe in the user's cache directory (it serves noise, but serves)."""
+    root = Path(zoo.__file__).parent
+    shipped = [root / n for n in DEFAULT_ZOO_MODELS if (root / n / "config.json").is_file()]
+    if shipped:
+        return shipped
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    path = cache / "denoised" / "untrained-digits-dit"
+    if not (path / "config.json").is_file():
+        recipe = json.loads((root / "recipes.json").read_text())["digits-dit"]
+        torch.manual_seed(0)
+        backbone = build_backbone(recipe["family"], recipe["architecture"])
+        config = {
+            "name": "digits-dit",
+            "process": recipe["process"],
+            "class_names": [str(i) for i in range(10)],
+            "source": "untrained (random weights): the zoo model is not built yet",
+        }
+        save_model_dir(path, backbone, config)
+    return [path]
+
+
+class FieldError(ValueError):
+    """A request field that is well-formed but not acceptable (answered with 422)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+class UnknownModel(LookupError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"model {name!r} is not served; available: {', '.join(known)}")
+
+
+def resolve_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    """The device and backbone dtype the `device`/`dtype` settings ask for."""
+    name = settings.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    dtype_name = settings.dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if name == "cuda" else "float32"
+    return torch.device(name), getattr(torch, dtype_name)
+
+
+def _allowed(values: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return shown + (
+        f", … ({len(values)} in all; see GET /v1/models)" if len(values) > limit else ""
+    )
+
+
+@dataclass
+class ServedModel:
+    loaded: object  # models.checkpoint.LoadedModel
+    created: int
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.loaded.class_names
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int, int]]:
+        side = self.loaded.image_size
+        return {f"{side}x{side}": tuple(self.loaded.latent_shape)}
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        config = self.loaded.config
+        given = config.get("defaults", {})
+        flow = self.loaded.process.to_config()["type"] == "flow"
+        return ModelDefaults(
+            sampler=given.get("sampler", "euler" if flow else "dpmpp-2m"),
+            steps=int(given.get("steps", 20)),
+            guidance_scale=float(given.get("guidance_scale", 1.0)),
+            size=next(iter(self.sizes)),
+        )
+
+    def card(self) -> ModelCard:
+        config = self.loaded.config
+        return ModelCard(
+            id=self.name,
+            created=self.created,
+            architecture=config["family"],
+            process=self.loaded.process.to_config()["type"],
+            prediction=self.loaded.process.prediction,
+            classes=self.classes,
+            sizes=list(self.sizes),
+            samplers=list(SAMPLER_NAMES),
+            defaults=self.defaults,
+            latent=self.loaded.vae is not None,
+        )
+
+    def _label(self, value: str | int | None, param: str) -> tuple[int | None, str | None]:
+        if value is None:
+            return None, None
+        classes = self.classes
+        if not classes:
+            raise FieldError(param, f"model {self.name!r} is unconditional; omit {param}")
+        if isinstance(value, int):
+            if not 0 <= value < len(classes):
+                raise FieldError(param, f"class id must be in 0..{len(classes) - 1}, got {value}")
+            return value, classes[value]
+        key = value.strip().lower()
+        for index, name in enumerate(classes):
+            if name.lower() == key:
+                return index, name
+        raise FieldError(param, f"unknown class {value!r}; allowed: {_allowed(classes)}")
+
+    def prepare(
+        self,
+        fields: SamplingFields,
+        label: str | int | None,
+        label_param: str,
+        settings: Settings,
+        request_id: str,
+        device: torch.device,
+    ) -> tuple[GenerationParams, object]:
+        """Validate a request against this model and the server's limits; create its sampler
+        state (initial noise from the request's own seeded generator)."""
+        defaults = self.defaults
+        if fields.n > settings.max_n:
+            raise FieldError("n", f"must be at most {settings.max_n}, got {fields.n}")
+        size = fields.size or defaults.size
+        if size not in self.sizes:
+            raise FieldError(
+                "size", f"{size!r} is not supported; allowed: {_allowed(list(self.sizes))}"
+            )
+        steps = fields.steps if fields.steps is not None else defaults.steps
+        if steps > settings.max_steps:
+            raise FieldError("steps", f"must be at most {settings.max_steps}, got {steps}")
+        timeout = fields.timeout if fields.timeout is not None else settings.default_timeout
+        if timeout > settings.max_timeout:
+            raise FieldError("timeout", f"must be at most {settings.max_timeout}, got {timeout}")
+        label_id, label_name = self._label(label, label_param)
+        scale = fields.guidance_scale
+        if scale is None:
+            scale = defaults.guidance_scale if self.classes else 1.0
+        if scale != 1.0 and not self.classes:
+            raise FieldError(
+                "guidance_scale", f"model {self.name!r} is unconditional; only 1.0 applies"
+            )
+        if fields.preview and not fields.stream:
+            raise FieldError("preview", "previews are sent as stream events; set stream: true")
+        if fields.stream and fields.response_format == "bytes":
+            raise FieldError(
+                "response_format", "a stream carries b64_json; 'bytes' needs stream: false"
+            )
+        if fields.response_format == "bytes" and fields.n > 1 and fields.output_format != "npy":
+            raise FieldError(
+                "response_format",
+                "'bytes' returns one file: use n=1, output_format 'npy' (one [n,H,W,C] array) "
+                "or response_format 'b64_json'",
+            )
+        sampler = fields.sampler or defaults.sampler
+        options = dict(fields.sampler_options or {})
+        seed = fields.seed if fields.seed is not None else secrets.randbits(63)
+        latent_shape = self.sizes[size]
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        try:
+            state = create_sampler(
+                sampler,
+                self.loaded.process,
+                steps,
+                (fields.n, *latent_shape),
+                generator,
+                options=options,
+                device=device,
+            )
+        except ValueError as exc:
+            raise FieldError("sampler_options" if options else "sampler", str(exc)) from None
+        height, width = (int(v) for v in size.split("x"))
+        work = fields.n * state.nfe * height * width
+        if work > settings.max_work:
+            raise FieldError(
+                "n",
+                f"n × evaluations × pixels = {work:.3g} exceeds this server's per-request "
+                f"work limit of {settings.max_work:.3g}; ask for fewer images, steps or pixels",
+            )
+        params = GenerationParams(
+            request_id=request_id,
+            model=self.name,
+            label=label_id,
+            label_name=label_name,
+            n=fields.n,
+            size=size,
+            latent_shape=latent_shape,
+            sampler=sampler,
+            steps=steps,
+            nfe=state.nfe,
+            guidance_scale=scale,
+            sampler_options=options,
+            seed=seed,
+            output_format=fields.output_format,
+            response_format=fields.response_format,
+            timeout=timeout,
+            stream=fields.stream,
+            preview=fields.preview,
+            guided=label_id is not None and scale != 1.0,
+        )
+        return params, state
+
+
+class ModelRegistry:
+    def __init__(self, models: list[ServedModel]) -> None:
+        if not models:
+            raise ValueError("no models to serve")
+        self.models: dict[str, ServedModel] = {}
+        for model in models:
+            if model.name in self.models:
+                raise ValueError(f"two model directories are both named {model.name!r}")
+            self.models[model.name] = model
+        self.default = models[0].name
+
+    def get(self, name: str | None) -> ServedModel:
+        key = self.default if name is None else name
+        if key not in self.models:
+            raise UnknownModel(key, list(self.models))
+        return self.models[key]
+
+
+def load_registry(
+    dirs: list[Path | str], device: torch.device, dtype: torch.dtype
+) -> ModelRegistry:
+    created = int(time.time())
+    return ModelRegistry(
+        [ServedModel(load_model_dir(Path(d), device=device, dtype=dtype), created) for d in dirs]
+    )

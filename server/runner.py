@@ -1,0 +1,70 @@
+"""The device work of one engine iteration: a batch of requests of one model advances by one
+model evaluation — one backbone forward and one batched guidance + solver update
+(`models.samplers.step_batch`, the same code path the offline sampling loop uses).
+
+Each request keeps its own sampler state; requests with different samplers, step counts,
+guidance scales and progress share the forward because their updates differ only in
+per-sample coefficients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from denoised.models.samplers import step_batch
+
+
+@dataclass
+class StepOutcome:
+    predictions: list[torch.Tensor]  # per job: this evaluation's data prediction D, [n, C, H, W]
+    failed: dict[int, str]  # job position → why it failed
+
+
+class ModelRunner:
+    """Owns one loaded model on the engine's device."""
+
+    def __init__(self, model, dtype: torch.dtype) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.device = next(model.backbone.parameters()).device
+        self.null_label = model.num_classes  # the label id trained as "no class"
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.model.backbone(x.to(self.dtype), t, y)
+
+    @torch.inference_mode()
+    def step(self, jobs: Sequence) -> StepOutcome:
+        """Advance every job (anything with `.state` and `.params`) by one evaluation.
+
+        Raises if the batch as a whole fails (the states are then unchanged: a sampler's
+        noise for the pending evaluation is drawn once, so a retry is identical). A job whose
+        new values are not finite is reported in `failed`; the others are unaffected."""
+        states = [job.state for job in jobs]
+        labels = None
+        if self.null_label is not None:
+            labels = [
+                torch.full(
+                    (job.state.x.shape[0],),
+                    self.null_label if job.params.label is None else job.params.label,
+                    dtype=torch.int64,
+                    device=self.device,
+                )
+                for job in jobs
+            ]
+        scales = [job.params.guidance_scale if job.params.guided else 1.0 for job in jobs]
+        d = step_batch(
+            self._forward, states, scales, labels, self.null_label, self.model.guided_channels
+        )
+        counts = [state.x.shape[0] for state in states]
+        x_next = torch.cat([state.x for state in states])
+        rows_ok = (torch.isfinite(x_next) & torch.isfinite(d)).flatten(1).all(1)
+        ok = torch.stack([rows.all() for rows in rows_ok.split(counts)]).tolist()  # one sync
+        failed = {
+            i: "the sampler produced non-finite values (NaN or inf)"
+            for i, good in enumerate(ok)
+            if not good
+        }
+        return StepOutcome(list(d.split(counts)), failed)
