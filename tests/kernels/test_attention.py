@@ -1,0 +1,124 @@
+"""Triton flash attention against SDPA (float64) on random inputs, and the dispatcher."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from guards import DEVICE, assert_close, check_guarded, guarded_empty
+
+from denoised.kernels.attention import (
+    attention,
+    flash_attention,
+    flash_attention_triton,
+    split_head_dim,
+)
+
+# The interpreter trips a NumPy deprecation inside Triton itself.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SEQ_LENS = (1, 17, 77, 256, 257)
+HEAD_DIMS = (32, 64, 72, 96, 128)
+# Every (length, head dim) pair once; the dtype rotates so each dtype meets every length and
+# every head dim while the interpreter runs 25 cases instead of 75.
+CASES = [
+    (n, d, DTYPES[(i + j) % len(DTYPES)])
+    for (i, n), (j, d) in itertools.product(enumerate(SEQ_LENS), enumerate(HEAD_DIMS))
+]
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+
+
+def _randn(*shape: int, dtype: torch.dtype, scale: float = 1.0, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize(("n", "d", "dtype"), CASES, ids=[f"n{n}-d{d}-{t}" for n, d, t in CASES])
+def test_matches_sdpa(n: int, d: int, dtype: torch.dtype) -> None:
+    batch, heads = (2, 2) if n < 256 else (1, 2)
+    q, k, v = (_randn(batch, heads, n, d, dtype=dtype, seed=n * 1000 + d + s) for s in range(3))
+    buffer, out = guarded_empty((batch, heads, n, d), dtype)
+    flash_attention_triton(q, k, v, out=out)
+    check_guarded(buffer, out)
+    assert_close(out, _reference(q, k, v), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_qkv_views_and_strided_output(dtype: torch.dtype) -> None:
+    # q, k, v sliced out of one [B, N, 3, H, D] projection; output written as [B, N, H, D].
+    batch, n, heads, d = 2, 77, 2, 72
+    qkv = _randn(batch, n, 3, heads, d, dtype=dtype, seed=7)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    buffer, out_bnhd = guarded_empty((batch, n, heads, d), dtype)
+    out = flash_attention_triton(q, k, v, out=out_bnhd.transpose(1, 2))
+    check_guarded(buffer, out_bnhd)
+    assert_close(out, _reference(q, k, v), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_logits(dtype: torch.dtype) -> None:
+    # Logits of several hundred: exp overflows unless the running max is subtracted. Float32
+    # logits that large carry ~600 * 2^-24 of rounding, so float32 gets 1e-4 here.
+    q = _randn(1, 2, 77, 64, dtype=dtype, scale=25.0, seed=11)
+    k = _randn(1, 2, 77, 64, dtype=dtype, scale=25.0, seed=12)
+    v = _randn(1, 2, 77, 64, dtype=dtype, seed=13)
+    buffer, out = guarded_empty(tuple(q.shape), dtype)
+    flash_attention_triton(q, k, v, out=out)
+    check_guarded(buffer, out)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), _reference(q, k, v), atol=1e-4, rtol=1e-4)
+    else:
+        assert_close(out, _reference(q, k, v), dtype)
+
+
+@pytest.mark.parametrize(("n_q", "n_kv"), [(17, 77), (77, 1)])
+def test_query_and_key_lengths_differ(n_q: int, n_kv: int) -> None:
+    q = _randn(1, 2, n_q, 32, dtype=torch.float16, seed=21)
+    k = _randn(1, 2, n_kv, 32, dtype=torch.float16, seed=22)
+    v = _randn(1, 2, n_kv, 32, dtype=torch.float16, seed=23)
+    assert_close(flash_attention_triton(q, k, v), _reference(q, k, v), torch.float16)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "parts"), [(32, (32, 0)), (72, (64, 16)), (96, (64, 32)), (100, (64, 64))]
+)
+def test_head_dim_split(head_dim: int, parts: tuple[int, int]) -> None:
+    assert split_head_dim(head_dim) == parts
+
+
+def test_dispatch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = (_randn(1, 2, 17, 32, dtype=torch.float32, seed=s) for s in (31, 32, 33))
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    monkeypatch.setenv("DENOISED_ATTENTION", "sdpa")
+    assert torch.equal(attention(q, k, v), sdpa)
+    monkeypatch.setenv("DENOISED_ATTENTION", "triton")
+    assert torch.equal(attention(q, k, v), flash_attention_triton(q, k, v))
+    monkeypatch.setenv("DENOISED_ATTENTION", "auto")
+    expected = flash_attention_triton(q, k, v) if q.is_cuda else sdpa
+    assert torch.equal(attention(q, k, v), expected)
+    monkeypatch.setenv("DENOISED_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="DENOISED_ATTENTION"):
+        attention(q, k, v)
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    q = _randn(1, 2, 17, 32, dtype=torch.float32, seed=41)
+    with pytest.raises(ValueError, match="head dims differ"):
+        flash_attention_triton(q, q, q[..., :16])
+    with pytest.raises(ValueError, match="head dim 8"):
+        flash_attention_triton(q[..., :8], q[..., :8], q[..., :8])
+    with pytest.raises(ValueError, match=r"\[batch, heads, tokens, head_dim\]"):
+        flash_attention_triton(q[0], q[0], q[0])
+
+
+def test_custom_op_is_traceable() -> None:
+    q, k, v = (_randn(1, 2, 17, 32, dtype=torch.float16, seed=s) for s in (51, 52, 53))
+    torch.library.opcheck(flash_attention, (q, k, v))
+    compiled = torch.compile(flash_attention, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(q, k, v), flash_attention_triton(q, k, v))
