@@ -101,7 +101,9 @@ class Engine:
 
     # ---- event-loop side -------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        """Start the engine thread (a no-op when it runs already)."""
+        if not self._thread.is_alive():
+            self._thread.start()
 
     def submit(self, job: Job) -> None:
         """Admit a job, or raise `Draining` (503) / `QueueFull` (429)."""

@@ -11,6 +11,7 @@ from fastapi import HTTPException
 
 from denoised.server.errors import REQUEST_ID_HEADER, APIError, error_body
 
+_HEADER_KEY = REQUEST_ID_HEADER.lower().encode()
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -28,18 +29,17 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        given = headers.get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
+        given = headers.get(_HEADER_KEY, b"").decode("latin-1")
         request_id = given if _CLIENT_ID.match(given) else f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
         limit = self.max_body_bytes
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
-                message = dict(message)
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (REQUEST_ID_HEADER.encode(), request_id.encode()),
-                ]
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == _HEADER_KEY for name, _ in headers):
+                    headers.append((_HEADER_KEY, request_id.encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         announced = headers.get(b"content-length", b"0")

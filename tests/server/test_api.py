@@ -1,0 +1,151 @@
+"""The HTTP layer in-process (the app with its real engine, through Starlette's TestClient):
+error shapes and codes, validation messages, raw-bytes responses, auth, the OpenAPI schema."""
+
+import io
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from tiny_models import write_tiny_models
+
+from denoised.server.api import create_app
+from denoised.server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    dirs = write_tiny_models(tmp_path_factory.mktemp("models"))
+    return tuple(str(d) for d in dirs.values())
+
+
+def ready_client(settings: Settings) -> TestClient:
+    client = TestClient(create_app(settings))
+    client.__enter__()
+    deadline = time.monotonic() + 60
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/ready").json()
+        time.sleep(0.05)
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(model_dirs):
+    settings = Settings(models=model_dirs, max_n=4, max_steps=50, max_body_bytes=2048)
+    client = ready_client(settings)
+    yield client
+    client.__exit__(None, None, None)
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status
+    assert error["request_id"] == response.headers["x-request-id"]
+    return error
+
+
+def test_unknown_model_is_404_listing_the_served_ones(client):
+    error = error_of(client.post("/v1/generate", json={"model": "sdxl"}), 404)
+    assert error["param"] == "model" and "tiny-dit" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"sampler": "k_lms"}, "sampler", ["'ddim'", "'unipc'"]),
+        ({"output_format": "jpeg"}, "output_format", ["'png'", "'webp'", "'npy'"]),
+        ({"response_format": "url"}, "response_format", ["'b64_json'", "'bytes'"]),
+        ({"prompt": "cat"}, "prompt", ["unknown class 'cat'", "'9'"]),
+        ({"n": 5}, "n", ["at most 4"]),
+        ({"n": 0}, "n", ["greater than or equal to 1"]),
+        ({"steps": 51}, "steps", ["at most 50"]),
+        ({"size": "64x64"}, "size", ["'8x8'"]),
+        ({"guidance_scale": -1}, "guidance_scale", ["greater than or equal to 0"]),
+        ({"sampler": "ddim", "sampler_options": {"etta": 1}}, "sampler_options", ["eta"]),
+        ({"colour": "red"}, "colour", ["unknown field"]),
+        ({"preview": True}, "preview", ["stream"]),
+        ({"n": 2, "response_format": "bytes"}, "response_format", ["npy"]),
+    ],
+)
+def test_invalid_fields_are_422_naming_field_and_allowed_values(client, body, param, words):
+    error = error_of(client.post("/v1/images/generations", json=body), 422)
+    assert error["param"] == param
+    for word in words:
+        assert word in error["message"]
+
+
+def test_non_finite_numbers_and_malformed_json_are_rejected(client):
+    headers = {"content-type": "application/json"}
+    nan = client.post("/v1/generate", content='{"guidance_scale": NaN}', headers=headers)
+    assert error_of(nan, 422)["param"] == "guidance_scale"
+    error_of(client.post("/v1/generate", content='{"n": 1', headers=headers), 400)
+
+
+def test_oversized_body_is_413(client):
+    error = error_of(client.post("/v1/generate", json={"model": "x" * 4000}), 413)
+    assert "2048 bytes" in error["message"]
+
+
+def test_client_request_id_is_echoed(client):
+    response = client.post("/v1/generate", json={"n": 0}, headers={"X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    assert response.json()["error"]["request_id"] == "abc-123"
+
+
+def test_raw_bytes_responses(client):
+    png = client.post(
+        "/v1/generate", json={"label": "2", "steps": 3, "seed": 9, "response_format": "bytes"}
+    )
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.headers["x-seed"] == "9"
+    assert Image.open(io.BytesIO(png.content)).size == (8, 8)
+    npy = client.post(
+        "/v1/generate",
+        json={"n": 3, "steps": 3, "output_format": "npy", "response_format": "bytes"},
+    )
+    array = np.load(io.BytesIO(npy.content))
+    assert array.shape == (3, 8, 8, 1) and array.dtype == np.float32
+
+
+def test_models_list_in_openai_shape(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    cards = {card["id"]: card for card in body["data"]}
+    assert set(cards) == {"tiny-dit", "tiny-flow"}
+    dit = cards["tiny-dit"]
+    assert dit["object"] == "model" and dit["classes"] == [str(i) for i in range(10)]
+    assert dit["sizes"] == ["8x8"] and "heun" in dit["samplers"]
+    assert cards["tiny-flow"]["process"] == "flow"
+    assert client.get("/v1/models/tiny-flow").json()["id"] == "tiny-flow"
+    error_of(client.get("/v1/models/nope"), 404)
+
+
+def test_openapi_documents_both_endpoints_with_examples_and_errors(client):
+    schema = client.get("/openapi.json").json()
+    for path in ("/v1/images/generations", "/v1/generate"):
+        post = schema["paths"][path]["post"]
+        assert {"404", "422", "429", "503", "504"} <= set(post["responses"])
+        assert "text/event-stream" in post["responses"]["200"]["content"]
+    components = schema["components"]["schemas"]
+    assert components["ImagesRequest"]["examples"][0]["prompt"] == "3"
+    assert "sampler_options" in components["GenerateRequest"]["properties"]
+    for path in ("/v1/models", "/health", "/ready", "/metrics"):
+        assert path in schema["paths"]
+
+
+def test_api_keys_guard_everything_but_health_and_ready(model_dirs):
+    settings = Settings(models=model_dirs[:1], api_keys=("s3cret",), warmup=False)
+    client = ready_client(settings)
+    try:
+        assert client.get("/health").status_code == 200
+        error = error_of(client.get("/v1/models"), 401)
+        assert "API key" in error["message"]
+        wrong = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401
+        ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/metrics").status_code == 200  # metrics_auth is off
+    finally:
+        client.__exit__(None, None, None)

@@ -1,0 +1,217 @@
+"""The engine with real tiny models (no HTTP): batch invariance across mixed batches, faults
+that fail one request alone, deadlines, cancellation, admission limits and both batching
+modes."""
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import write_tiny_models
+
+from denoised.server.engine import Engine
+from denoised.server.jobs import Draining, Job, JobError, JobResult, QueueFull
+from denoised.server.metrics import Metrics
+from denoised.server.registry import load_registry
+from denoised.server.schemas import GenerateRequest
+from denoised.server.settings import Settings
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    dirs = write_tiny_models(tmp_path_factory.mktemp("models"), latent=True)
+    return load_registry(list(dirs.values()), CPU, torch.float32)
+
+
+@pytest.fixture
+def make_engine(registry):
+    engines = []
+
+    def make(**overrides) -> Engine:
+        settings = Settings(warmup=False, **overrides)
+        engine = Engine(registry, settings, Metrics(), CPU, torch.float32)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def prepare(engine: Engine, loop, model: str, label=None, **fields) -> Job:
+    body = GenerateRequest(model=model, output_format="npy", **fields)
+    params, state = engine.registry.get(model).prepare(
+        body, label, "label", engine.settings, "test", CPU
+    )
+    return Job(params, state, loop)
+
+
+async def run_jobs(engine: Engine, specs, tamper=None) -> list:
+    """Submit every spec, then start the engine (if it is not running yet, so the first
+    iteration sees them all); wait for all. `tamper(i, job)` may inject a fault."""
+    loop = asyncio.get_running_loop()
+    jobs = [prepare(engine, loop, **spec) for spec in specs]
+    if tamper:
+        jobs = [tamper(i, job) for i, job in enumerate(jobs)]
+    for job in jobs:
+        engine.submit(job)
+    engine.start()
+    return await asyncio.gather(*(job.result for job in jobs), return_exceptions=True)
+
+
+MIXED = [
+    dict(model="tiny-dit", label="3", n=2, sampler="dpmpp-2m", steps=6, guidance_scale=3.0, seed=1),
+    dict(model="tiny-dit", label=7, sampler="ddim", steps=4, seed=2,
+         sampler_options={"eta": 1.0}),
+    dict(model="tiny-dit", sampler="heun", steps=3, seed=3),
+    dict(model="tiny-dit", label="0", sampler="dpmpp-2m-sde", steps=5, guidance_scale=2.0, seed=4),
+    dict(model="tiny-dit", label="5", sampler="unipc", steps=6, guidance_scale=1.5, seed=5),
+    dict(model="tiny-flow", label="1", sampler="euler", steps=4, guidance_scale=2.5, seed=6),
+    dict(model="tiny-flow", label="2", n=3, sampler="dpmpp-3m", steps=6, seed=7),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def solo(registry):
+    """Every MIXED request run alone (max_batch 1: nothing shares a forward)."""
+    engine = Engine(registry, Settings(warmup=False, max_batch=1), Metrics(), CPU, torch.float32)
+    results = [asyncio.run(run_jobs(engine, [spec]))[0] for spec in MIXED]
+    engine.stop()
+    return results
+
+
+def batch_requests(engine: Engine, model: str) -> tuple[float, float]:
+    get = engine.metrics.registry.get_sample_value
+    labels = {"model": model}
+    return get("denoised_batch_requests_sum", labels), get("denoised_batch_requests_count", labels)
+
+
+def test_same_request_and_seed_give_the_same_images_alone_or_in_a_mixed_batch(make_engine, solo):
+    engine = make_engine(max_batch=64)
+    mixed = asyncio.run(run_jobs(engine, MIXED))
+    for spec, alone, together in zip(MIXED, solo, mixed, strict=True):
+        assert isinstance(together, JobResult), together
+        assert together.pixels.shape == (spec.get("n", 1), 8, 8, 1)
+        np.testing.assert_allclose(together.pixels, alone.pixels, atol=1e-4, rtol=0)
+    # The requests really did share forwards: more than one request per forward on average.
+    total, forwards = batch_requests(engine, "tiny-dit")
+    assert total / forwards > 1.5
+    # Different seeds give different images.
+    assert np.abs(mixed[0].pixels - mixed[1].pixels[:1].repeat(2, 0)).max() > 1e-2
+
+
+def test_a_request_that_goes_nan_fails_alone(make_engine, solo):
+    engine = make_engine()
+
+    def poison(i, job):
+        if i == 1:
+            job.state.x[0, 0, 0, 0] = float("nan")
+        return job
+
+    results = asyncio.run(run_jobs(engine, MIXED[:3], tamper=poison))
+    assert isinstance(results[1], JobError) and results[1].status == 500
+    assert "non-finite" in results[1].message
+    for i in (0, 2):
+        np.testing.assert_allclose(results[i].pixels, solo[i].pixels, atol=1e-4, rtol=0)
+    failed = engine.metrics.registry.get_sample_value(
+        "denoised_requests_total", {"model": "tiny-dit", "sampler": "ddim", "status": "failed"}
+    )
+    assert failed == 1
+
+
+def test_a_request_whose_forward_raises_fails_alone(make_engine, solo):
+    engine = make_engine()
+
+    def bad_label(i, job):  # an id past the class table: the embedding lookup raises
+        if i == 0:
+            job.params = dataclasses.replace(job.params, label=10_000)
+        return job
+
+    results = asyncio.run(run_jobs(engine, MIXED[:3], tamper=bad_label))
+    assert isinstance(results[0], JobError) and results[0].status == 500
+    assert "IndexError" in results[0].message
+    for i in (1, 2):
+        np.testing.assert_allclose(results[i].pixels, solo[i].pixels, atol=1e-4, rtol=0)
+
+
+def test_latent_model_decodes_through_its_vae(make_engine):
+    engine = make_engine()
+    engine.start()
+    spec = dict(model="tiny-latent", label="4", n=2, steps=3, guidance_scale=2.0, seed=0)
+    (result,) = asyncio.run(run_jobs(engine, [spec]))
+    assert result.pixels.shape == (2, 32, 32, 3)
+    assert result.pixels.std() > 0
+
+
+def test_deadline_fails_with_504_and_counts_a_miss(make_engine):
+    engine = make_engine()
+    engine.start()
+    spec = dict(model="tiny-dit", steps=1000, timeout=0.2, seed=0)
+    (result,) = asyncio.run(run_jobs(engine, [spec]))
+    assert isinstance(result, JobError) and result.status == 504
+    assert "timeout of 0.2 s exceeded" in result.message
+    misses = engine.metrics.registry.get_sample_value(
+        "denoised_deadline_misses_total", {"model": "tiny-dit"}
+    )
+    assert misses == 1
+
+
+def test_cancel_frees_the_request_at_the_next_step(make_engine):
+    engine = make_engine()
+    engine.start()
+
+    async def scenario():
+        job = prepare(engine, asyncio.get_running_loop(), "tiny-dit", steps=1000, seed=0)
+        engine.submit(job)
+        while job.state.step_index < 2:
+            await asyncio.sleep(0.01)
+        engine.cancel(job)
+        with pytest.raises(JobError) as info:
+            await job.result
+        return job, info.value
+
+    job, error = asyncio.run(scenario())
+    assert error.kind == "cancelled" and job.state.step_index < job.params.nfe
+    assert engine.idle
+
+
+def test_queue_limit_and_drain_refuse_admission(make_engine):
+    engine = make_engine(max_queue=1)  # not started: nothing leaves the queue
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine.submit(prepare(engine, loop, "tiny-dit", steps=2))
+        with pytest.raises(QueueFull) as full:
+            engine.submit(prepare(engine, loop, "tiny-dit", steps=2))
+        engine.drain()
+        with pytest.raises(Draining):
+            engine.submit(prepare(engine, loop, "tiny-dit", steps=2))
+        return full.value
+
+    full = asyncio.run(scenario())
+    assert full.status == 429 and full.retry_after >= 1
+
+
+def test_request_mode_batches_only_equal_parameters(make_engine):
+    engine = make_engine(batching="request")
+    base = dict(model="tiny-dit", label="1", sampler="ddim", guidance_scale=2.0)
+    equal = [dict(base, steps=5, seed=s) for s in range(3)]
+    results = asyncio.run(run_jobs(engine, equal))
+    assert all(isinstance(r, JobResult) for r in results)
+    total, forwards = batch_requests(engine, "tiny-dit")
+    assert (total, forwards) == (15, 5)  # three requests in each of five forwards
+
+    engine = make_engine(batching="request")
+    different = [dict(base, steps=4 + s, seed=s) for s in range(3)]
+    asyncio.run(run_jobs(engine, different))
+    total, forwards = batch_requests(engine, "tiny-dit")
+    assert total == forwards == 4 + 5 + 6  # never shared
+
+
+def test_warm_up_runs_every_model(registry):
+    engine = Engine(registry, Settings(), Metrics(), CPU, torch.float32)
+    engine.warm_up()  # raises if any model fails
+    assert engine.idle

@@ -1,0 +1,61 @@
+"""Tiny random-weight model directories, written through the real `save_model_dir` (real
+safetensors + config.json), for the server and end-to-end tests."""
+
+from pathlib import Path
+
+import torch
+
+from denoised.models.checkpoint import save_model_dir
+from denoised.models.dit import DiT, DiTConfig
+from denoised.models.vae import VAEConfig, VAEDecoder
+
+VP = {
+    "type": "vp",
+    "schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "num_train_timesteps": 1000,
+    "prediction": "epsilon",
+}
+FLOW = {"type": "flow", "shift": 1.0, "convention": "rf", "num_train_timesteps": 1000,
+        "prediction": "velocity"}  # fmt: skip
+DIGITS = [str(i) for i in range(10)]
+
+
+def _dit(channels: int, side: int, learn_sigma: bool, seed: int) -> DiT:
+    torch.manual_seed(seed)
+    config = DiTConfig(
+        input_size=side,
+        patch_size=2,
+        in_channels=channels,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=len(DIGITS),
+        learn_sigma=learn_sigma,
+    )
+    return DiT(config)
+
+
+def write_tiny_models(root: Path, latent: bool = False) -> dict[str, Path]:
+    """`tiny-dit` (VP, epsilon, learned sigma), `tiny-flow` (rectified flow, velocity), and
+    with `latent` also `tiny-latent` (a DiT on 4×4×4 latents with an 8× VAE decoder)."""
+    dirs = {
+        "tiny-dit": save_model_dir(
+            root / "tiny-dit", _dit(1, 8, True, 0), {"process": VP, "class_names": DIGITS}
+        ),
+        "tiny-flow": save_model_dir(
+            root / "tiny-flow", _dit(1, 8, False, 1), {"process": FLOW, "class_names": DIGITS}
+        ),
+    }
+    if latent:
+        torch.manual_seed(2)
+        vae = VAEDecoder(VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                   norm_num_groups=4, mid_block_add_attention=False))  # fmt: skip
+        dirs["tiny-latent"] = save_model_dir(
+            root / "tiny-latent",
+            _dit(4, 4, True, 3),
+            {"process": VP, "class_names": DIGITS, "guided_channels": 3},
+            vae=vae,
+        )
+    return dirs
