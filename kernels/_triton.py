@@ -9,6 +9,8 @@ its native half-precision tiles (and tensor-core dots) and pays nothing.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -33,3 +35,23 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
                 f"Triton kernels need CUDA tensors (got a tensor on {t.device}); run on a GPU "
                 "or set TRITON_INTERPRET=1 to use Triton's CPU interpreter"
             )
+
+
+FUSED_BACKENDS = ("auto", "triton", "reference")
+
+
+def fused_backend() -> str:
+    """The `DENOISED_FUSED` setting (auto|triton|reference) for the fused elementwise kernels
+    (adaLN pieces, guidance + solver step); ValueError on anything else."""
+    value = os.environ.get("DENOISED_FUSED", "auto").strip().lower()
+    if value not in FUSED_BACKENDS:
+        raise ValueError(f"DENOISED_FUSED must be one of {'|'.join(FUSED_BACKENDS)}, got {value!r}")
+    return value
+
+
+def use_fused(*tensors: torch.Tensor) -> bool:
+    """Whether a dispatcher takes its Triton kernel: `auto` does for CUDA tensors only."""
+    backend = fused_backend()
+    if backend == "auto":
+        return all(t.is_cuda for t in tensors)
+    return backend == "triton"

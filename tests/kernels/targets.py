@@ -87,6 +87,7 @@ def compile_launch(kernel, capability: int, args: tuple, kwargs: dict) -> Compil
 
 def launch_cases() -> dict[str, tuple]:
     """name -> (kernel, capability, args, kwargs) for every shipped configuration."""
+    from denoised.kernels.adaln import _adaln_fwd, adaln_launch
     from denoised.kernels.attention import _flash_attention_fwd, flash_attention_launch
 
     cases = {}
@@ -101,6 +102,21 @@ def launch_cases() -> dict[str, tuple]:
                 _, args, kwargs = flash_attention_launch(q, k, v, out, (capability // 10, 0))
                 name = f"attention-sm{capability}-d{d}-{str(dtype).removeprefix('torch.')}"
                 cases[name] = (_flash_attention_fwd, capability, args, kwargs)
+    for capability in MAX_SHARED:
+        # DiT-S, -B/-L and -XL widths: 512-, 1024- and 2048-lane column blocks.
+        for channels in (384, 1024, 1152):
+            x = torch.empty(2, 257, channels, dtype=torch.bfloat16)
+            mod = torch.empty(2, 6 * channels, dtype=torch.bfloat16).chunk(6, dim=1)
+            out = torch.empty(2 * 257, channels, dtype=torch.bfloat16)
+            variants = {
+                "norm": (None, None, mod[0], mod[1], None, out),
+                "residual": (mod[2], x, None, None, out, None),
+                "residual-norm": (mod[2], x, mod[0], mod[1], out, out),
+            }
+            for variant, (gate, branch, shift, scale, x_out, y) in variants.items():
+                _, args, kwargs = adaln_launch(x, gate, branch, shift, scale, 1e-6, x_out, y)
+                name = f"adaln-{variant}-sm{capability}-c{channels}-bfloat16"
+                cases[name] = (_adaln_fwd, capability, args, kwargs)
     return cases
 
 
