@@ -1,0 +1,86 @@
+"""A real `denoised serve` process on a free loopback port, serving tiny model directories."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+from tiny_models import write_tiny_models
+
+READY_SECONDS = 90
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> list[str]:
+    dirs = write_tiny_models(tmp_path_factory.mktemp("e2e-models"))
+    return [str(d) for d in dirs.values()]
+
+
+@pytest.fixture(scope="session")
+def launch(model_dirs, tmp_path_factory):
+    """`launch(*flags)` starts a server with both tiny models and waits for /ready."""
+    servers: list[Server] = []
+
+    def start(*flags: str) -> Server:
+        port = _free_port()
+        args = [sys.executable, "-m", "denoised.server.cli", "serve", "--port", str(port)]
+        for directory in model_dirs:
+            args += ["--model", directory]
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [*args, *flags], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+        server = Server(process, f"http://127.0.0.1:{port}", log)
+        servers.append(server)
+        deadline = time.monotonic() + READY_SECONDS
+        while True:
+            assert process.poll() is None, f"server exited early:\n{server.output()}"
+            assert time.monotonic() < deadline, f"server not ready:\n{server.output()}"
+            try:
+                if httpx.get(server.url + "/ready", timeout=1).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGINT)
+    for server in servers:
+        try:
+            server.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(launch) -> Server:
+    """One shared server with default settings."""
+    return launch()

@@ -1,0 +1,27 @@
+"""Reading a live server's /metrics (with prometheus_client's own parser) and waiting."""
+
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def metric_samples(url: str) -> dict:
+    """Every sample of /metrics, keyed by (name, sorted labels)."""
+    text = httpx.get(url + "/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(condition, seconds: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
