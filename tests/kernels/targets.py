@@ -46,6 +46,7 @@ class CompiledTarget:
     wgmma: bool  # Hopper warpgroup matrix instructions
     mma_sync: bool  # Ampere-style warp matrix instructions
     cp_async: bool  # asynchronous global -> shared copies (software pipelining)
+    vector_stores: bool  # 16-byte global stores
 
 
 def compile_launch(kernel, capability: int, args: tuple, kwargs: dict) -> CompiledTarget:
@@ -82,6 +83,7 @@ def compile_launch(kernel, capability: int, args: tuple, kwargs: dict) -> Compil
         wgmma="wgmma.mma_async" in ptx,
         mma_sync="mma.sync" in ptx,
         cp_async="cp.async" in ptx,
+        vector_stores="st.global.v4" in ptx,
     )
 
 
@@ -89,6 +91,7 @@ def launch_cases() -> dict[str, tuple]:
     """name -> (kernel, capability, args, kwargs) for every shipped configuration."""
     from denoised.kernels.adaln import _adaln_fwd, adaln_launch
     from denoised.kernels.attention import _flash_attention_fwd, flash_attention_launch
+    from denoised.kernels.guidance import _guided_update_fwd, guided_update_launch
 
     cases = {}
     for capability, dtypes in ATTENTION_DTYPES.items():
@@ -117,6 +120,24 @@ def launch_cases() -> dict[str, tuple]:
                 _, args, kwargs = adaln_launch(x, gate, branch, shift, scale, 1e-6, x_out, y)
                 name = f"adaln-{variant}-sm{capability}-c{channels}-bfloat16"
                 cases[name] = (_adaln_fwd, capability, args, kwargs)
+    for capability in MAX_SHARED:
+        # Tiny latents (one 256-element block per sample) and DiT-XL 256 px ones (4 x 32 x 32,
+        # 2048-element blocks); the shortest and longest update; bf16 and float32 outputs.
+        for (c, h), order, noise, dtype in (
+            ((4, 8), 1, False, torch.bfloat16),
+            ((4, 32), 4, True, torch.bfloat16),
+            ((4, 32), 2, True, torch.float32),
+        ):
+            x = torch.empty(8, c, h, h)
+            out = torch.empty(12, 2 * c, h, h, dtype=dtype)
+            vec = torch.empty(8)
+            _, args, kwargs = guided_update_launch(
+                x, out[:8, :c], out[8:, :c], torch.zeros(8, dtype=torch.int64), vec, vec, vec,
+                vec, torch.empty(8, order), torch.empty(order - 1, 8, c, h, h), vec,
+                torch.empty_like(x) if noise else None, c, torch.empty_like(x), torch.empty_like(x),
+            )  # fmt: skip
+            name = f"guidance-k{order}-noise{int(noise)}-sm{capability}-{c}x{h}x{h}-{dtype}"
+            cases[name.replace("torch.", "")] = (_guided_update_fwd, capability, args, kwargs)
     return cases
 
 

@@ -1,8 +1,9 @@
 """Every shipped kernel configuration compiles for Hopper (sm_90) and Ampere (sm_80).
 
 No GPU needed (see targets.py). Checked per configuration: no register spills, shared memory
-within the architecture's limit, pipelined (cp.async) loads and tensor-core instructions
-(wgmma on sm_90, mma.sync on sm_80) where the kernel has matmuls on half-precision tiles.
+within the architecture's limit; for attention, pipelined (cp.async) loads and tensor-core
+instructions (wgmma on sm_90, mma.sync on sm_80) on half-precision tiles; for the
+memory-bound elementwise kernels, 16-byte vector stores.
 """
 
 from __future__ import annotations
@@ -28,3 +29,5 @@ def test_compiles_without_spills(compiled: dict[str, dict], name: str) -> None:
         if not name.endswith("float32"):  # float32 keeps full-precision dots on CUDA cores
             instruction = "wgmma" if result["capability"] == 90 else "mma_sync"
             assert result[instruction], f"{name}: no tensor-core instructions"
+    else:
+        assert result["vector_stores"], f"{name}: stores are not vectorised"
