@@ -256,13 +256,20 @@ def flash_attention_launch(
     return grid, args, kwargs
 
 
+def new_output(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised `[B, H, N, D]` output laid out as `[B, N, H, D]` in memory, so the
+    caller's usual `out.transpose(1, 2).reshape(B, N, H * D)` is a view, not a copy."""
+    b, h, n, d = q.shape
+    return torch.empty(b, n, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
 def flash_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Launch the Triton flash-attention forward (no dispatch; ValueError on bad input).
 
-    `out` may be any strided `[B, H, N, D]` view of q's dtype, e.g. a `[B, N, H, D]` buffer
-    transposed, so the output projection reads the result without another copy.
+    `out` may be any strided `[B, H, N, D]` tensor of q's dtype; by default it is laid out as
+    `[B, N, H, D]` (see `new_output`).
     """
     _check_inputs(q, k, v)
     reason = triton_supports(q, k, v)
@@ -271,7 +278,7 @@ def flash_attention_triton(
     if k.shape[2] == 0:
         raise ValueError("attention: key/value sequence is empty")
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = new_output(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(
             f"attention: out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
@@ -293,7 +300,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 @flash_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return new_output(q)
 
 
 def attention_backend() -> str:

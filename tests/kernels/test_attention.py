@@ -122,3 +122,11 @@ def test_custom_op_is_traceable() -> None:
     torch.library.opcheck(flash_attention, (q, k, v))
     compiled = torch.compile(flash_attention, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(q, k, v), flash_attention_triton(q, k, v))
+
+
+def test_default_output_is_token_major() -> None:
+    # [B, N, H, D] in memory: merging the heads back into channels needs no copy.
+    q, k, v = (_randn(2, 3, 17, 32, dtype=torch.float16, seed=s) for s in (61, 62, 63))
+    out = flash_attention_triton(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()
+    assert_close(out, _reference(q, k, v), torch.float16)
