@@ -11,6 +11,7 @@
    vs eager (`sdpa`, `reference`).
 
     python benchmarks/gpu_kernels.py            # everything, < 4 minutes on an H100
+    python benchmarks/gpu_kernels.py --skip-dit --sweep-attention   # tune attention_config
     TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --smoke   # tiny shapes, no GPU needed:
                                                                   # checks the script runs
 
@@ -32,7 +33,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from denoised.kernels.attention import flash_attention_triton
+from denoised.kernels.attention import AttentionConfig, attention_config, flash_attention_triton
 from denoised.kernels.guidance import guided_update_reference, guided_update_triton
 
 
@@ -112,6 +113,34 @@ def bench_attention(shapes, device: torch.device, dtype: torch.dtype, repeats: i
         err = (outputs["triton"].float() - ref.float()).abs().max().item() if ref is not None else 0
         cells = " ".join(f"{rates[x]:>9.1f}" if x in rates else f"{'n/a':>9}" for x in names)
         print(f"{b:>3} {h:>3} {n:>5} {d:>4} {cells} {rates['triton'] / best:>11.2f}x {err:>9.1e}")
+
+
+def sweep_attention(shapes, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
+    """Time candidate block configurations per shape, to revisit `attention_config`'s table."""
+    print("\nAttention block-configuration sweep, TFLOP/s (shipped config marked *)")
+    candidates = [
+        AttentionConfig(m, n, warps, stages)
+        for m in (64, 128) for n in (32, 64, 128) for warps in (4, 8) for stages in (2, 3, 4)
+    ]  # fmt: skip
+    capability = torch.cuda.get_device_capability(device)
+    for b, h, n, d in shapes:
+        qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        shipped = attention_config(d, dtype, capability)
+        rates = {}
+        for cfg in candidates:
+            call = functools.partial(flash_attention_triton, q, k, v, config=cfg)
+            try:
+                rates[cfg] = 4 * b * h * n * n * d / seconds(call, device, repeats) / 1e12
+            except Exception as error:  # out of shared memory or registers on this card
+                print(f"    ({cfg}: {type(error).__name__})")
+        ranked = sorted(rates.items(), key=lambda item: -item[1])[:5]
+        best = ", ".join(
+            f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+            f"{'*' if c == shipped else ''}: {r:.0f}" for c, r in ranked
+        )  # fmt: skip
+        shipped_rate = rates.get(shipped, float("nan"))
+        print(f"  B={b} H={h} N={n} D={d}: shipped {shipped_rate:.0f}; best {best}")
 
 
 def _step_inputs(batch: int, shape: tuple[int, int, int], order: int, device, cond_dtype):
@@ -218,6 +247,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device")
     parser.add_argument("--skip-dit", action="store_true", help="kernels only")
+    parser.add_argument(
+        "--sweep-attention", action="store_true", help="also time 36 attention block configs"
+    )
     args = parser.parse_args()
     if args.smoke:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,16 +265,21 @@ def main() -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
           f"dtype {dtype}")  # fmt: skip
-    bench_attention(
-        [(32, 16, 256, 72), (32, 16, 1024, 72), (4, 16, 4096, 64), (4, 16, 4096, 128)],
-        device, dtype, repeats=30,
-    )  # fmt: skip
+    attention_shapes = [
+        (32, 16, 256, 72),
+        (32, 16, 1024, 72),
+        (4, 16, 4096, 64),
+        (4, 16, 4096, 128),
+    ]
+    bench_attention(attention_shapes, device, dtype, repeats=30)
     bench_guidance(
         [(128, (4, 32, 32), 2), (128, (4, 32, 32), 3), (256, (4, 64, 64), 2)],
         device, dtype, repeats=30,
     )  # fmt: skip
     if not args.skip_dit:
         bench_dit("dit-xl-2-256", 32, images=16, steps=50, device=device, dtype=dtype, repeats=20)
+    if args.sweep_attention:
+        sweep_attention(attention_shapes, device, dtype, repeats=10)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,11 @@ def new_output(q: torch.Tensor) -> torch.Tensor:
 
 
 def flash_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """Launch the Triton flash-attention forward (no dispatch; ValueError on bad input).
 
@@ -287,7 +291,7 @@ def flash_attention_triton(
     check_triton_device(q, k, v, out)
     if out.numel() == 0:
         return out
-    grid, args, kwargs = flash_attention_launch(q, k, v, out, _device_capability(q))
+    grid, args, kwargs = flash_attention_launch(q, k, v, out, _device_capability(q), config)
     _flash_attention_fwd[grid](*args, **kwargs)
     return out
 
