@@ -46,6 +46,11 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     add("--device", choices=DEVICES, help="default auto: cuda when available")
     add("--dtype", choices=DTYPES, help="backbone dtype; auto: float32 on cpu, bfloat16 on cuda")
     add(
+        "--threads",
+        type=int,
+        help="CPU threads for torch ops (default 0: one per core; 1 suits a shared machine)",
+    )
+    add(
         "--batching",
         choices=BATCHING_MODES,
         help="step: step-level batching (default); request: equal parameters only, each "
@@ -65,7 +70,7 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
         const=False,
         help="skip the warm-up generation before /ready",
     )
-    return serve  # fmt: skip
+    return serve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import torch
+
 from denoised.server.engine import Engine
 from denoised.server.errors import APIError
 from denoised.server.metrics import Metrics
@@ -35,6 +37,8 @@ class ServerState:
 
     def _load(self) -> None:
         try:
+            if self.settings.threads:
+                torch.set_num_threads(self.settings.threads)
             device, dtype = resolve_device(self.settings)
             dirs = list(self.settings.models) or default_model_dirs()
             log.info("loading %s on %s (%s)", ", ".join(map(str, dirs)), device, dtype)

@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SamplerName = Literal["ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "euler", "heun", "unipc"]
+from denoised.models.samplers import SAMPLER_NAMES
+
+SamplerName = Literal[SAMPLER_NAMES]  # an enumeration in the OpenAPI schema
 OutputFormat = Literal["png", "webp", "npy"]
 ResponseFormat = Literal["b64_json", "bytes"]
 SamplerOptionValue = bool | int | float | str

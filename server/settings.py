@@ -20,6 +20,7 @@ class Settings:
     models: tuple[str, ...] = ()  # model directories; empty: the shipped default models
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # backbone dtype; auto: float32 on cpu, bfloat16 on cuda
+    threads: int = 0  # CPU threads for torch ops; 0: torch's default (one per core)
     max_batch: int = 64  # samples per backbone forward (a guided sample counts twice)
     max_queue: int = 256  # admitted requests waiting for their first step; more get 429
     batching: str = "step"  # "step" (step-level) or "request" (equal parameters, to completion)
@@ -43,6 +44,8 @@ class Settings:
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("batching", self.batching, BATCHING_MODES)
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         for name in ("port", "max_batch", "max_queue", "max_n", "max_steps", "max_body_bytes"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
