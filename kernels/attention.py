@@ -230,16 +230,17 @@ def flash_attention_launch(
     v: torch.Tensor,
     out: torch.Tensor,
     capability: tuple[int, int],
+    config: AttentionConfig | None = None,
 ) -> tuple[tuple[int, int], tuple, dict]:
     """Grid, positional and keyword arguments of the kernel launch for these tensors.
 
     Shared by the launcher and the CI compile checks, so the checked specialisation is the
-    launched one.
+    launched one. `config` overrides the shipped table (for tuning sweeps).
     """
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     d0, d1 = split_head_dim(d)
-    cfg = attention_config(d, q.dtype, capability)
+    cfg = config or attention_config(d, q.dtype, capability)
     grid = (triton.cdiv(n_q, cfg.block_m), b * h)
     align = stride_align(q, k, v, out)
     strides = [(*(s // align for s in t.stride()[:-1]), t.stride(-1)) for t in (q, k, v, out)]
