@@ -48,6 +48,7 @@ class AsyncGenerationStream:
         self._open = open_response
         self._response: httpx.Response | None = None
         self._parser = EventParser()
+        self._events: AsyncIterator[Progress] | None = None
         self.result: Generation | None = None
 
     async def __aenter__(self) -> AsyncGenerationStream:
@@ -58,8 +59,16 @@ class AsyncGenerationStream:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def __aiter__(self) -> AsyncIterator[Progress]:
-        await self.__aenter__()
+    def __aiter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __anext__(self) -> Progress:
+        if self._events is None:
+            await self.__aenter__()
+            self._events = self._read()
+        return await anext(self._events)
+
+    async def _read(self) -> AsyncIterator[Progress]:
         try:
             async for line in self._response.aiter_lines():
                 if (event := self._parser.feed(line)) is not None:

@@ -46,12 +46,14 @@ from denoised_client.types import (
 class GenerationStream:
     """A streamed generation: iterate for `Progress` events; `result` holds the `Generation`
     once the stream is exhausted. The request is sent on entering (or on first iteration);
-    errors before the stream starts (422, 429, ...) raise there, after retries."""
+    errors before the stream starts (422, 429, ...) raise there, after retries. Iteration
+    may stop and resume: the stream is one iterator."""
 
     def __init__(self, open_response: Callable[[], httpx.Response]) -> None:
         self._open = open_response
         self._response: httpx.Response | None = None
         self._parser = EventParser()
+        self._events: Iterator[Progress] | None = None
         self.result: Generation | None = None
 
     def __enter__(self) -> GenerationStream:
@@ -62,8 +64,16 @@ class GenerationStream:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __iter__(self) -> Iterator[Progress]:
-        self.__enter__()
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> Progress:
+        if self._events is None:
+            self.__enter__()
+            self._events = self._read()
+        return next(self._events)
+
+    def _read(self) -> Iterator[Progress]:
         try:
             for line in self._response.iter_lines():
                 if (event := self._parser.feed(line)) is not None:

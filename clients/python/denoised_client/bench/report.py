@@ -45,6 +45,7 @@ REQUEST_COLUMNS = [
     "target",
     "scenario",
     "round",
+    "slice",
     "group",
     "sampler",
     "steps",

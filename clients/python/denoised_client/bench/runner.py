@@ -154,6 +154,7 @@ async def run_benchmark(
                 rng = random.Random(f"{config.seed}-warmup")
                 await closed_loop(client, target.workload, 1, Limit(requests=config.warmup), rng)
         slice_limit = config.limit.split(config.rounds)
+        slices = 0  # slices run so far: the order in which targets took turns
         for scenario in config.scenarios:
             acc = {t.name: _Accumulator() for t in config.targets}
             for round_ in range(config.rounds):
@@ -174,11 +175,13 @@ async def run_benchmark(
                             "target": target.name,
                             "scenario": scenario.name,
                             "round": round_,
+                            "slice": slices,
                             **vars(r),
                             "latency": r.latency,
                         }
                         for r in records
                     ]
+                    slices += 1
             for target in config.targets:
                 scenarios.append(_scenario_result(target, scenario, acc[target.name], config))
     finally:
