@@ -100,6 +100,9 @@ def dit_state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, t
 
 def dit_config_from_diffusers(cfg: dict) -> DiTConfig:
     """`DiTConfig` for a diffusers `DiTTransformer2DModel` / `Transformer2DModel` config."""
+    kind = cfg.get("_class_name", "DiTTransformer2DModel")
+    if kind not in ("DiTTransformer2DModel", "Transformer2DModel"):
+        raise ValueError(f"transformer class {kind!r} is not a DiT")
     if cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
         raise ValueError(
             f"only adaLN-Zero DiT transformers convert; got norm_type={cfg['norm_type']!r}"

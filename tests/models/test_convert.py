@@ -24,7 +24,12 @@ def dit_pipeline(tmp_path):
     vae = random_vae(seed=8)
     folder = tmp_path / "DiT-tiny"
     DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(folder)
-    # The released pipelines carry the ImageNet names in model_index.json.
+    # The released pipelines name the transformer class Transformer2DModel and carry the
+    # ImageNet names in model_index.json.
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "_class_name": "Transformer2DModel"})
+    )
     index = json.loads((folder / "model_index.json").read_text())
     index["id2label"] = {str(i): f"class {i}" for i in reversed(range(CLASSES))}
     (folder / "model_index.json").write_text(json.dumps(index))
