@@ -1,0 +1,226 @@
+"""The zoo recipe: train a shipped digits model from scratch on the CPU.
+
+    python -m denoised.models.zoo.train digits-dit [--steps N] [--out DIR] [--threads N]
+
+Each model's backbone, process and hyper-parameters live in `recipes.json`. Training is plain
+denoising regression — draw a native time from the process, noise a batch, regress the
+process's target — with AdamW, a linear warm-up then cosine decay of the learning rate, an
+exponential moving average (EMA) of the weights (the shipped weights), and label dropout: a
+fraction of labels is replaced by the null label `num_classes`, so the same network also
+learns the unconditional prediction that classifier-free guidance (Ho & Salimans, 2022)
+needs. Everything random comes from one seeded generator, so a run is reproducible on a
+given machine and torch build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from denoised.models.checkpoint import build_backbone, save_model_dir
+from denoised.models.dit import DiT
+from denoised.models.process import FlowProcess, Process, VPProcess, process_from_config
+from denoised.models.zoo.data import CLASS_NAMES, DigitsSplit, load_digits_split
+
+ZOO_DIR = Path(__file__).parent
+RECIPES_PATH = ZOO_DIR / "recipes.json"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float  # the cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float
+    ema_decay: float
+    label_dropout: float
+    seed: int
+    # Noise levels: a fraction `uniform_fraction` of each batch takes the process's own
+    # training-time draw (uniform τ or σ, which covers the very noisiest levels the samplers
+    # start from); the rest draws the log signal-to-noise ratio λ ~ N(log_snr_mean,
+    # log_snr_std²) — the logit-normal of Esser et al. (2024) for the flow — where the
+    # uniform draws waste little work on levels whose target is nearly the input itself.
+    uniform_fraction: float = 1.0
+    log_snr_mean: float = 0.0
+    log_snr_std: float = 1.0
+
+
+@dataclass
+class TrainResult:
+    ema: nn.Module
+    losses: list[tuple[int, float, float]]  # (step, mean loss over the log window, lr)
+    seconds: float
+
+
+def load_recipes() -> dict:
+    return json.loads(RECIPES_PATH.read_text())
+
+
+def native_time_at_log_snr(process: Process, log_snr: torch.Tensor) -> torch.Tensor:
+    """The native time whose λ = log(α/σ) is ``log_snr``."""
+    if isinstance(process, VPProcess):  # σ/α = exp(−λ)
+        t = process.time_at_sigma_ratio(torch.exp(-log_snr).double().numpy())
+        return torch.as_tensor(t, dtype=torch.float32)
+    if isinstance(process, FlowProcess):  # (1 − σ)/σ = exp(λ)
+        return torch.sigmoid(-log_snr)
+    raise ValueError(f"no log-SNR time map for process {type(process).__name__}")
+
+
+def sample_times(process: Process, n: int, s: TrainSettings, generator: torch.Generator):
+    t = process.sample_train_times(n, generator).float()
+    log_snr = s.log_snr_mean + s.log_snr_std * torch.randn(n, generator=generator)
+    pick = torch.rand(n, generator=generator) >= s.uniform_fraction
+    return torch.where(pick, native_time_at_log_snr(process, log_snr), t)
+
+
+def learning_rate(step: int, s: TrainSettings) -> float:
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.steps - 1 - s.warmup_steps)
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
+    # Early on the average follows the weights closely (a warm-up of the decay), so the EMA of
+    # a short run is not dominated by the random initialisation.
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1 - d)
+
+
+def train(
+    backbone: nn.Module,
+    process: Process,
+    data: DigitsSplit,
+    s: TrainSettings,
+    num_classes: int,
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+) -> TrainResult:
+    generator = torch.Generator().manual_seed(s.seed)
+    ema = copy.deepcopy(backbone).requires_grad_(False)
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    x_all, y_all = data.train_x, data.train_y
+    channels = x_all.shape[1]
+    losses, window = [], []
+    start = time.perf_counter()
+    for step in range(s.steps):
+        idx = torch.randint(0, len(y_all), (s.batch_size,), generator=generator)
+        x0, y = x_all[idx], y_all[idx].clone()
+        y[torch.rand(s.batch_size, generator=generator) < s.label_dropout] = num_classes
+        t = sample_times(process, s.batch_size, s, generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = process.add_noise(x0, noise, t)
+        model_t = torch.as_tensor(process.model_time(t.double().numpy()), dtype=torch.float32)
+        out = backbone(x_t, model_t, y)[:, :channels]
+        loss = F.mse_loss(out, process.training_target(x0, noise, t))
+        lr = learning_rate(step, s)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        update_ema(ema, backbone, step, s.ema_decay)
+        window.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == s.steps:
+            mean = sum(window) / len(window)
+            losses.append((step + 1, mean, lr))
+            window.clear()
+            elapsed = time.perf_counter() - start
+            log(f"step {step + 1:5d}/{s.steps}  loss {mean:.4f}  lr {lr:.2e}  {elapsed:5.0f} s")
+    return TrainResult(ema.eval(), losses, time.perf_counter() - start)
+
+
+def write_loss_curve(
+    losses: list[tuple[int, float, float]], csv_path: Path, png_path: Path
+) -> None:
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss", "lr"])
+        writer.writerows((step, f"{loss:.6f}", f"{lr:.6g}") for step, loss, lr in losses)
+    # A bare line plot (log-scaled loss against step) with Pillow, the one imaging library the
+    # package already depends on.
+    width, height, pad = 480, 240, 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    steps = [s for s, _, _ in losses]
+    logs = [math.log10(loss) for _, loss, _ in losses]
+    lo, hi = min(logs), max(logs)
+    span_y, span_x = max(hi - lo, 1e-6), max(steps[-1] - steps[0], 1)
+    points = [
+        (pad + (s - steps[0]) / span_x * (width - 2 * pad),
+         height - pad - (v - lo) / span_y * (height - 2 * pad))
+        for s, v in zip(steps, logs, strict=True)
+    ]  # fmt: skip
+    draw.rectangle((pad, pad, width - pad, height - pad), outline="gray")
+    if len(points) > 1:
+        draw.line(points, fill="navy", width=2)
+    draw.text((pad, 8), f"training loss (log scale) {10**hi:.3g} .. {10**lo:.3g}", fill="black")
+    draw.text((pad, height - pad + 8), f"step {steps[0]} .. {steps[-1]}", fill="black")
+    image.save(png_path)
+
+
+def train_recipe(name: str, out_dir: Path, steps: int | None = None) -> Path:
+    """Train the recipe `name` and write its model directory (EMA weights stored in fp16),
+    loss curve (loss.csv, loss.png) and training record (training.json) under out_dir/name."""
+    recipe = load_recipes()[name]
+    settings = TrainSettings(**{**recipe["train"], **({"steps": steps} if steps else {})})
+    torch.manual_seed(settings.seed)
+    backbone = build_backbone(recipe["family"], recipe["architecture"])
+    if isinstance(backbone, DiT):
+        backbone.initialize_for_training()
+    process = process_from_config(recipe["process"])
+    result = train(backbone, process, load_digits_split(), settings, len(CLASS_NAMES))
+    path = save_model_dir(
+        out_dir / name,
+        result.ema.half(),
+        {"name": name, "family": recipe["family"], "process": recipe["process"],
+         "class_names": CLASS_NAMES},
+    )  # fmt: skip
+    write_loss_curve(result.losses, path / "loss.csv", path / "loss.png")
+    record = {
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "train_seconds": round(result.seconds, 1),
+        "final_loss": round(result.losses[-1][1], 5),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "parameters": sum(p.numel() for p in backbone.parameters()),
+    }
+    (path / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{name}: wrote {path} ({result.seconds:.0f} s)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="recipes to train (default: all)")
+    parser.add_argument("--steps", type=int, help="override the recipe's step count")
+    parser.add_argument("--out", type=Path, default=ZOO_DIR, help="parent of the model dirs")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipes = load_recipes()
+    for name in args.names or list(recipes):
+        if name not in recipes:
+            raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(recipes)}")
+        train_recipe(name, args.out, args.steps)
+
+
+if __name__ == "__main__":
+    main()
