@@ -64,6 +64,19 @@ def test_a_client_that_disconnects_frees_its_slot(one_slot):
     assert value(metric_samples(one_slot.url), "denoised_active_requests", model="tiny-dit") == 0
 
 
+def test_closing_a_stream_cancels_its_request(one_slot):
+    def cancelled():
+        return value(metric_samples(one_slot.url), "denoised_requests_total", model="tiny-flow",
+                     sampler="heun", status="cancelled")  # fmt: skip
+
+    body = dict(LONG, model="tiny-flow", stream=True)
+    with httpx.stream("POST", one_slot.url + "/v1/generate", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines) == "event: progress"  # it runs; now the client hangs up
+    wait_for(lambda: cancelled() == 1, what="the cancellation")
+    assert value(metric_samples(one_slot.url), "denoised_active_requests", model="tiny-flow") == 0
+
+
 def test_sigterm_drains_admitted_requests_then_exits_0(launch):
     server = launch("--drain-seconds", "60")
     bodies = [dict(LONG, steps=100, seed=i, model=m) for i, m in
