@@ -108,10 +108,21 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: st
         raise ValueError(f"{what} does not match its architecture — " + " | ".join(problems))
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Copy `state` into `module` after `check_state_dict` passed (all or nothing)."""
+def load_weights(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    what: str,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Make `state` (cast to `dtype` if given) the tensors of `module` once `check_state_dict`
+    passed: all or nothing. `module` may live on the meta device; its tensors are replaced."""
     check_state_dict(module, state, what)
-    module.load_state_dict(state, strict=True)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(module).__name__} has tensors no file provides: {left}")
 
 
 def refuse_pickle(path: Path) -> None:
@@ -238,15 +249,19 @@ def load_model_dir(
         raise ValueError(f"model directory {path} does not exist")
     config = read_config(path)
     process = process_from_config(config["process"])
-    backbone = build_backbone(config["family"], config["architecture"])
-    load_weights(backbone, read_safetensors(path / WEIGHTS_FILE), f"{path / WEIGHTS_FILE}")
-    vae = None
-    if config.get("vae") is not None:
-        vae = VAEDecoder(VAEConfig.from_dict(config["vae"]))
-        load_weights(vae, read_safetensors(path / VAE_WEIGHTS_FILE), f"{path / VAE_WEIGHTS_FILE}")
-        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # Built on the meta device: the file's tensors become the parameters, so nothing is
+    # initialised only to be overwritten (seconds and gigabytes for DiT-XL).
+    with torch.device("meta"):
+        backbone = build_backbone(config["family"], config["architecture"])
+        vae = VAEDecoder(VAEConfig.from_dict(config["vae"])) if config.get("vae") else None
     facts = describe(config, backbone, vae)
+    weights = path / WEIGHTS_FILE
+    load_weights(backbone, read_safetensors(weights), str(weights), dtype)
     backbone = backbone.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if vae is not None:
+        weights = path / VAE_WEIGHTS_FILE
+        load_weights(vae, read_safetensors(weights), str(weights), dtype)
+        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(
         name=config.get("name", path.name),
         config=config,

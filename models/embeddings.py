@@ -37,7 +37,7 @@ def timestep_embedding(
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """`[M] -> [M, dim]`: sin of `positions * 10000**(-i/(dim/2))` then cos, in float64."""
-    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2.0)
     out = positions.double()[:, None] / (10000.0**omega)[None]
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
@@ -46,10 +46,11 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     """The fixed 2-D position table of DiT/MAE for a row-major `grid_h x grid_w` token grid.
 
     Returns float32 `[grid_h * grid_w, dim]`: the first half encodes the column index, the
-    second half the row index (the reference implementations put width first).
+    second half the row index (the reference implementations put width first). Built on the
+    CPU even under a `torch.device("meta")` context, so a module built there keeps the table.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    rows = torch.arange(grid_h).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w).repeat(grid_h)
+    rows = torch.arange(grid_h, device="cpu").repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device="cpu").repeat(grid_h)
     return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()

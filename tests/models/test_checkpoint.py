@@ -53,6 +53,13 @@ def test_loads_in_another_dtype(model_dir):
     loaded = load_model_dir(model_dir[0], dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.backbone.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in loaded.vae.parameters()} == {torch.bfloat16}
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 700.0]), torch.tensor([0, 3])
+    with torch.no_grad():
+        reference = model_dir[1].eval()(x, t, y)
+        out = loaded.backbone(x.bfloat16(), t, y)
+        image = loaded.vae.decode(out[:, :4])
+    assert out.dtype == torch.bfloat16 and image.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() <= 0.05 * reference.abs().max()
 
 
 def test_unet_round_trip_without_vae(tmp_path):
