@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -45,28 +46,34 @@ def server(model: str, device: str, threads: int, *flags: str):
     args = [sys.executable, "-m", "denoised.server.cli", "serve", "--model", model,
             "--port", str(port), "--device", device, "--threads", str(threads),
             "--max-queue", "4096", *flags]  # fmt: skip
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready after 300 s")
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            wait_ready(process, url, log)
+            yield url
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_ready(process: subprocess.Popen, url: str, log) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("server not ready after 300 s")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
 
 def body(steps: int, seed: int) -> dict:

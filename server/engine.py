@@ -63,6 +63,15 @@ def _memory_reader(device: torch.device):
     return rss
 
 
+def _log_outcome(job: Job, outcome: str) -> None:
+    p = job.params
+    log.info(
+        "request %s %s: model=%s sampler=%s steps=%d/%d n=%d guidance=%g %.3fs",
+        p.request_id, outcome, p.model, p.sampler, job.state.step_index, p.nfe, p.n,
+        p.guidance_scale, time.monotonic() - job.admitted_at,
+    )  # fmt: skip
+
+
 @dataclass
 class _WarmupItem:
     """A request-shaped probe for warm-up, run before the engine admits anything."""
@@ -216,7 +225,7 @@ class Engine:
         started = time.perf_counter()
         predictions, failed = self._step_isolating(self.runners[model], jobs)
         elapsed = time.perf_counter() - started
-        rows = sum(j.params.n * (2 if j.params.guided else 1) for j in jobs)
+        rows = sum(_candidate(job).cost for job in jobs)  # guided samples count twice
         self.metrics.forward_seconds.labels(model=model).observe(elapsed)
         self.metrics.batch_samples.labels(model=model).observe(rows)
         self.metrics.batch_requests.labels(model=model).observe(len(jobs))
@@ -264,6 +273,7 @@ class Engine:
         self._remove(job, finishing=False)
         p = job.params
         self.metrics.requests.labels(model=p.model, sampler=p.sampler, status=status).inc()
+        _log_outcome(job, f"{status} ({error.status}: {error.message})")
         job.finish(error)
 
     def _complete(self, job: Job) -> None:
@@ -294,6 +304,7 @@ class Engine:
             self.metrics.request_duration.labels(model=p.model).observe(total)
             self.metrics.requests.labels(model=p.model, sampler=p.sampler, status="ok").inc()
             self._request_seconds += 0.1 * (total - self._request_seconds)
+            _log_outcome(job, "ok")
             job.finish(result)
         except Exception as exc:
             log.exception("encoding failed for request %s", p.request_id)
