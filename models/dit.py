@@ -29,6 +29,8 @@ from denoised.models.embeddings import sincos_2d, timestep_embedding
 
 # Width of the sinusoidal timestep features fed to the timestep MLP.
 TIME_FREQ_DIM = 256
+# eps of the LayerNorms before attention and before the output layer (both lineages).
+ADALN_NORM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,17 @@ def layer_norm_modulate(
 def gate_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """`x + gate * branch` with a per-sample gate `[B, D]`."""
     return x + gate[:, None] * branch
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens `[B, (H/p)*(W/p), D]`, row-major."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class TimestepEmbedder(nn.Module):
@@ -147,7 +160,7 @@ class DiTBlock(nn.Module):
             c
         ).chunk(6, dim=1)
         x = gate_residual(
-            x, gate_msa, self.attn(layer_norm_modulate(x, shift_msa, scale_msa, 1e-6))
+            x, gate_msa, self.attn(layer_norm_modulate(x, shift_msa, scale_msa, ADALN_NORM_EPS))
         )
         h = layer_norm_modulate(x, shift_mlp, scale_mlp, self.mlp_norm_eps)
         return gate_residual(x, gate_mlp, self.mlp(h))
@@ -161,7 +174,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(layer_norm_modulate(x, shift, scale, 1e-6))
+        return self.linear(layer_norm_modulate(x, shift, scale, ADALN_NORM_EPS))
 
 
 class DiT(nn.Module):
@@ -169,10 +182,7 @@ class DiT(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(
-            c.in_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size
-        )
+        self.x_embedder = PatchEmbed(c.in_channels, c.hidden_size, c.patch_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size, c.freq_shift)
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size)
         self.blocks = nn.ModuleList(
@@ -205,7 +215,7 @@ class DiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
         if y is None:
             y = torch.full((b,), self.null_label, dtype=torch.long, device=x.device)
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)
+        tokens = self.x_embedder(x)
         tokens = tokens + self.position_table(h // p, w // p)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
