@@ -26,8 +26,10 @@ class Limit:
     def __post_init__(self) -> None:
         if (self.duration is None) == (self.requests is None):
             raise ValueError("give exactly one of duration (seconds) or requests (a count)")
-        if (self.duration or 1) <= 0 or (self.requests or 1) <= 0:
-            raise ValueError("duration and requests must be positive")
+        if (self.duration is not None and self.duration <= 0) or (
+            self.requests is not None and self.requests < 1
+        ):
+            raise ValueError(f"duration and requests must be positive, got {self}")
 
     def reached(self, sent: int, elapsed: float) -> bool:
         if self.requests is not None:
