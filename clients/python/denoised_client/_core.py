@@ -7,6 +7,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -111,6 +112,15 @@ def readiness_of(response: httpx.Response) -> Readiness:
     if response.status_code not in (200, 503):
         raise status_error(response)
     return from_dict(Readiness, response.json())
+
+
+def generation_call(
+    label: str | int | None, fields: dict[str, Any]
+) -> tuple[GenerationRequest, dict]:
+    """Keyword arguments of `generate(label, **fields)` split into the request and the
+    call's own options (`on_progress`, `preview`)."""
+    options = {k: fields.pop(k) for k in ("on_progress", "preview") if k in fields}
+    return GenerationRequest(label=label, **fields), options
 
 
 class ClientConfig:

@@ -24,6 +24,7 @@ from denoised_client._core import (
     ClientConfig,
     EventParser,
     RetryPolicy,
+    generation_call,
     readiness_of,
     status_error,
     transport_error,
@@ -178,13 +179,12 @@ class AsyncClient:
 
     async def generate(self, label: str | int | None = None, **fields: Any) -> Generation:
         """`POST /v1/generate`; the fields are those of `Client.generate`."""
-        options = {k: fields.pop(k) for k in ("on_progress", "preview") if k in fields}
-        return await self.create(GenerationRequest(label=label, **fields), **options)
+        request, options = generation_call(label, fields)
+        return await self.create(request, **options)
 
     async def generate_images(self, prompt: str | None = None, **fields: Any) -> Generation:
         """`POST /v1/images/generations` (the OpenAI Images shape)."""
-        options = {k: fields.pop(k) for k in ("on_progress", "preview") if k in fields}
-        request = GenerationRequest(label=prompt, **fields)
+        request, options = generation_call(prompt, fields)
         return await self.create(request, endpoint="images", **options)
 
     def stream(

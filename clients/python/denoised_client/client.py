@@ -27,6 +27,7 @@ from denoised_client._core import (
     ClientConfig,
     EventParser,
     RetryPolicy,
+    generation_call,
     readiness_of,
     status_error,
     transport_error,
@@ -189,13 +190,13 @@ class Client:
         """`POST /v1/generate`. Fields: those of `GenerationRequest` (model, n, size, sampler,
         steps, guidance_scale, seed, sampler_options, output_format, timeout), plus
         `on_progress` (a callback per step; streams the request) and `preview`."""
-        options = {k: fields.pop(k) for k in ("on_progress", "preview") if k in fields}
-        return self.create(GenerationRequest(label=label, **fields), **options)
+        request, options = generation_call(label, fields)
+        return self.create(request, **options)
 
     def generate_images(self, prompt: str | None = None, **fields: Any) -> Generation:
         """`POST /v1/images/generations` (the OpenAI Images shape); `prompt` is a class name."""
-        options = {k: fields.pop(k) for k in ("on_progress", "preview") if k in fields}
-        return self.create(GenerationRequest(label=prompt, **fields), endpoint="images", **options)
+        request, options = generation_call(prompt, fields)
+        return self.create(request, endpoint="images", **options)
 
     def stream(
         self,

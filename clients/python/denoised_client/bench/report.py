@@ -14,22 +14,26 @@ from typing import Any
 from denoised_client.bench.runner import RATIO_FIGURES
 from denoised_client.bench.stats import PERCENTILES
 
-SUMMARY_COLUMNS = [
-    "target",
-    "scenario",
-    "kind",
-    "level",
-    "group",
+# The scalar figures of a summary, in column order.
+COUNTS = (
     "requests",
     "ok",
     "failed",
-    "errors",
     "images",
     "elapsed_s",
     "images_per_s",
     "requests_per_s",
     "steps_per_s",
     "sample_evals_per_s",
+)
+SUMMARY_COLUMNS = [
+    "target",
+    "scenario",
+    "kind",
+    "level",
+    "group",
+    *COUNTS,
+    "errors",
     *[f"latency_p{q}_s" for q in PERCENTILES],
     "latency_max_s",
     "latency_mean_s",
@@ -83,20 +87,7 @@ def summary_rows(results: dict) -> list[dict]:
                 "kind": s["kind"],
                 "level": s["level"],
                 "group": group,
-                **{
-                    k: figures[k]
-                    for k in (
-                        "requests",
-                        "ok",
-                        "failed",
-                        "images",
-                        "elapsed_s",
-                        "images_per_s",
-                        "requests_per_s",
-                        "steps_per_s",
-                        "sample_evals_per_s",
-                    )
-                },
+                **{k: figures[k] for k in COUNTS},
                 "errors": ";".join(f"{k}:{v}" for k, v in figures["errors"].items()),
                 **{f"latency_{k}_s": v for k, v in figures["latency_s"].items()},
                 **{f"ttfs_{k}_s": v for k, v in figures["ttfs_s"].items() if k != "mean"},
