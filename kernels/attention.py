@@ -108,7 +108,7 @@ def _flash_attention_fwd(
             v0 = v0.to(tl.float32)
         qk = tl.dot(q0, tl.trans(k0), input_precision=precision)
         if D1 > 0:
-            kv1_mask = n_mask[:, None] & d1_mask[None, :]
+            kv1_mask = d1_mask[None, :] if EVEN_N else n_mask[:, None] & d1_mask[None, :]
             k1 = tl.load(k_rows + offs_d1[None, :] * stride_kd, mask=kv1_mask, other=0.0)
             v1 = tl.load(v_rows + offs_d1[None, :] * stride_vd, mask=kv1_mask, other=0.0)
             if UPCAST:
