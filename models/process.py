@@ -98,50 +98,46 @@ class Process(ABC):
     def sample_train_times(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` native training times drawn from the training distribution."""
 
-    @abstractmethod
+    config_fields: tuple[str, ...]  # constructor arguments, in order
+
     def to_config(self) -> dict:
         """JSON-able config; ``process_from_config(p.to_config())`` rebuilds ``p``."""
+        return {"type": self.kind, **{name: getattr(self, name) for name in self.config_fields}}
 
     # -- tensor helpers (float32 math on the caller's device) -------------------------------
 
-    def _columns(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """α, σ, p, q at native times ``t`` shaped to broadcast against ``like`` per row."""
+    def _per_row(self, t: Tensor | float, like: Tensor, terms) -> tuple[Tensor, ...]:
+        """``terms(α, σ, p, q)`` at native times ``t`` (float64), as float32 columns that
+        broadcast against ``like`` row by row (a scalar t broadcasts to every row)."""
         t_np = torch.as_tensor(t).detach().cpu().double().numpy()
         alpha, sigma = self.alpha_sigma(t_np)
-        p, q = self.prediction_coefficients(alpha, sigma)
+        values = terms(alpha, sigma, *self.prediction_coefficients(alpha, sigma))
         shape = (-1,) + (1,) * (like.dim() - 1) if np.ndim(t_np) else (1,) * like.dim()
         return tuple(
             torch.as_tensor(v, dtype=torch.float32, device=like.device).reshape(shape)
-            for v in (alpha, sigma, p, q)
+            for v in values
         )
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         """``α(t)·x0 + σ(t)·noise``; ``t`` is a scalar or one native time per row."""
-        alpha, sigma, _, _ = self._columns(t, x0)
+        alpha, sigma = self._per_row(t, x0, lambda a, s, p, q: (a, s))
         return alpha * x0 + sigma * noise
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         """What the backbone should output for ``add_noise(x0, noise, t)``."""
-        # out = (x0 − p·x)/q with x = α·x0 + σ·ε, expanded in float64 so that no
-        # cancellation happens in float32 (e.g. the flow velocity at small σ).
-        t_np = torch.as_tensor(t).detach().cpu().double().numpy()
-        alpha, sigma = self.alpha_sigma(t_np)
-        p, q = self.prediction_coefficients(alpha, sigma)
-        shape = (-1,) + (1,) * (x0.dim() - 1) if np.ndim(t_np) else (1,) * x0.dim()
-        c_x0, c_noise = (
-            torch.as_tensor(v, dtype=torch.float32, device=x0.device).reshape(shape)
-            for v in ((1.0 - p * alpha) / q, -p * sigma / q)
-        )
+        # (x0 − p·x)/q with x = α·x0 + σ·ε, expanded in float64 so that nothing cancels in
+        # float32 (e.g. the flow velocity at small σ).
+        c_x0, c_noise = self._per_row(t, x0, lambda a, s, p, q: ((1 - p * a) / q, -p * s / q))
         return c_x0 * x0 + c_noise * noise
 
     def to_data(self, out: Tensor, x: Tensor, t: Tensor | float) -> Tensor:
         """The data prediction ``D = p·x + q·out`` from a backbone output at native time t."""
-        _, _, p, q = self._columns(t, x)
+        p, q = self._per_row(t, x, lambda a, s, p, q: (p, q))
         return p * x + q * out.float()
 
     def from_data(self, d: Tensor, x: Tensor, t: Tensor | float) -> Tensor:
         """The backbone output that converts to the data prediction ``d`` (inverse of to_data)."""
-        _, _, p, q = self._columns(t, x)
+        p, q = self._per_row(t, x, lambda a, s, p, q: (p, q))
         return (d - p * x) / q
 
 
@@ -149,6 +145,7 @@ class VPProcess(Process):
     """Discrete variance-preserving process with a beta schedule of T training timesteps."""
 
     kind = "vp"
+    config_fields = ("schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction")
 
     def __init__(
         self,
@@ -204,16 +201,6 @@ class VPProcess(Process):
         """Integer timesteps uniform on [0, T−1] (returned as float32)."""
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).float()
 
-    def to_config(self) -> dict:
-        return {
-            "type": "vp",
-            "schedule": self.schedule,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "num_train_timesteps": self.num_train_timesteps,
-            "prediction": self.prediction,
-        }
-
 
 def _alphas_cumprod(schedule: str, beta_start: float, beta_end: float, steps: int) -> np.ndarray:
     # Built in float32 like the training code these schedules come from, so that α at
@@ -238,6 +225,7 @@ class FlowProcess(Process):
     """Flow matching / rectified flow ``x = (1−σ)·x0 + σ·ε``; native time σ ∈ [0, 1]."""
 
     kind = "flow"
+    config_fields = ("shift", "convention", "num_train_timesteps", "prediction")
 
     def __init__(
         self,
@@ -273,15 +261,6 @@ class FlowProcess(Process):
         """σ uniform on [0, 1) (the shift only warps sampling grids)."""
         return torch.rand(n, generator=generator)
 
-    def to_config(self) -> dict:
-        return {
-            "type": "flow",
-            "shift": self.shift,
-            "convention": self.convention,
-            "num_train_timesteps": self.num_train_timesteps,
-            "prediction": self.prediction,
-        }
-
 
 def process_from_config(cfg: dict) -> Process:
     """Build a process from its config dict (the ``"process"`` entry of a model's config.json)."""
@@ -290,7 +269,7 @@ def process_from_config(cfg: dict) -> Process:
     kind = _choice("process.type", cfg.get("type"), PROCESS_TYPES)
     params = {k: v for k, v in cfg.items() if k != "type"}
     cls = VPProcess if kind == "vp" else FlowProcess
-    allowed = tuple(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
+    allowed = cls.config_fields
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(
