@@ -3,7 +3,7 @@
 # GPU (default): an official CUDA runtime base and PyTorch's CUDA 12.8 build.
 #   docker build -t denoised .
 #   docker run --gpus all -p 8000:8000 denoised
-# CPU: any Debian/Ubuntu base with PyTorch's CPU build.
+# CPU: any Debian/Ubuntu base whose python3 is >= 3.11, with PyTorch's CPU build.
 #   docker build -t denoised:cpu --build-arg BASE_IMAGE=debian:bookworm-slim \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 # Offline: put wheels for torch and every dependency in deploy/docker/wheels/ and add

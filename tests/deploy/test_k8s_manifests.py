@@ -163,3 +163,13 @@ def test_servicemonitor_scrapes_the_service():
         assert endpoint["port"] in service_ports
         assert endpoint["path"] == "/metrics"
         assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+
+
+def test_settings_named_in_deployment_files_exist():
+    """Every DENOISED_* variable the image, compose, manifests and docs name is a setting."""
+    known = {"DENOISED_" + name.upper() for name in settings_from_env({}).__dataclass_fields__}
+    files = [REPO / "Dockerfile", REPO / "docs/deployment.md", DEPLOY / "compose.yaml"]
+    files += sorted(K8S.glob("*.yaml"))
+    for path in files:
+        named = set(re.findall(r"\bDENOISED_[A-Z_]+[A-Z]\b", path.read_text()))
+        assert named <= known, f"{path.name}: {named - known}"
