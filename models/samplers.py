@@ -93,7 +93,8 @@ def _validate(name: str, options: dict) -> None:
             f"unknown option(s) {unknown} for sampler {name!r}; "
             f"allowed: {', '.join(sorted(allowed))}"
         )
-    if "order" in options and options["order"] not in _ORDERS[name]:
+    order = options.get("order")
+    if "order" in options and (isinstance(order, bool) or order not in _ORDERS[name]):
         raise ValueError(
             f"option 'order' for sampler {name!r} must be one of {_ORDERS[name]}; "
             f"got {options['order']!r}"
@@ -427,8 +428,11 @@ def create_sampler(
     ``round_timesteps`` (bool), ``shift`` (flow only), and per sampler ``eta`` (ddim),
     ``order`` and ``lower_order_final`` (multistep samplers).
     """
+    shape = tuple(shape)
+    if len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(f"shape must be positive integers (n, C, ...); got {shape!r}")
     plan = build_plan(name, process, steps, options)
-    x = torch.randn(tuple(shape), generator=generator, device=generator.device)
+    x = torch.randn(shape, generator=generator, device=generator.device)
     return SamplerState(name, plan, x.to(device), generator)
 
 
@@ -454,15 +458,13 @@ def stack_updates(states: Sequence[SamplerState]) -> BatchUpdate:
     """The pending evaluation's coefficients, history and noise of ``states``, row-stacked."""
     device = states[0].x.device
     coeffs = [s.coefficients() for s in states]
-    rows = torch.tensor([s.x.shape[0] for s in states], device=device)
     width = max(len(cf.b) for cf in coeffs)
-
-    def per_row(values: list[float]) -> Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).repeat_interleave(rows)
-
-    b = torch.stack(
-        [per_row([cf.b[k] if k < len(cf.b) else 0.0 for cf in coeffs]) for k in range(width)], 1
-    )
+    # One small host table, expanded to rows and copied to the device once.
+    table = _per_row(
+        states,
+        [[cf.p, cf.q, cf.a, cf.c, *cf.b, *[0.0] * (width - len(cf.b))] for cf in coeffs],
+        torch.float32,
+    ).to(device, non_blocking=True)
     history = None
     if width > 1:
         history = torch.stack(
@@ -480,15 +482,14 @@ def stack_updates(states: Sequence[SamplerState]) -> BatchUpdate:
                 for z, s in zip(noises, states, strict=True)
             ]
         )
-    return BatchUpdate(
-        p=per_row([cf.p for cf in coeffs]),
-        q=per_row([cf.q for cf in coeffs]),
-        a=per_row([cf.a for cf in coeffs]),
-        b=b,
-        history=history,
-        c=per_row([cf.c for cf in coeffs]),
-        noise=noise,
-    )
+    p, q, a, c = table[:, :4].unbind(1)
+    return BatchUpdate(p=p, q=q, a=a, b=table[:, 4:], history=history, c=c, noise=noise)
+
+
+def _per_row(states: Sequence[SamplerState], values: list[list], dtype: torch.dtype) -> Tensor:
+    """Per-state rows of ``values`` repeated for each of the state's samples (on the host)."""
+    counts = torch.tensor([s.x.shape[0] for s in states])
+    return torch.tensor(values, dtype=dtype).repeat_interleave(counts, dim=0)
 
 
 def _nth(history: list[Tensor], k: int, like: Tensor) -> Tensor:
@@ -523,38 +524,37 @@ def step_batch(
     if any(guided) and null_label is None:
         raise ValueError("guided sampling needs null_label")
     device = states[0].x.device
-    rows = [s.x.shape[0] for s in states]
-    times = [
-        torch.full((r,), s.model_time(), device=device) for s, r in zip(states, rows, strict=True)
-    ]
+    counts = [s.x.shape[0] for s in states]
     x = torch.cat([s.x for s in states]).float()
-    extra = [i for i in range(n) if guided[i]]  # the unconditional rows, appended in order
+    extra = [i for i in range(n) if guided[i]]  # states whose unconditional rows follow x
+    # Per-row values built on the host and copied to the device once.
+    uncond_rows, next_row = [], 0
+    for i, count in enumerate(counts):
+        if guided[i]:
+            uncond_rows.append(torch.arange(next_row, next_row + count))
+            next_row += count
+        else:
+            uncond_rows.append(torch.full((count,), -1))
+    uncond_index = torch.cat(uncond_rows).to(device, non_blocking=True)
+    values = [[s.model_time(), w] for s, w in zip(states, scales, strict=True)]
+    t, w = _per_row(states, values, torch.float32).to(device, non_blocking=True).unbind(1)
+    t_per_state = t.split(counts)
     model_x = torch.cat([x] + [states[i].x.float() for i in extra])
-    model_t = torch.cat(times + [times[i] for i in extra])
+    model_t = torch.cat([t] + [t_per_state[i] for i in extra])
     model_y = None
     if has_labels:
-        nulls = [
-            torch.full((rows[i],), null_label, dtype=torch.int64, device=device) for i in extra
-        ]
-        model_y = torch.cat([y.to(device) for y in labels] + nulls)
+        nulls = [torch.full((counts[i],), null_label, dtype=torch.int64) for i in extra]
+        model_y = torch.cat([y.to(device) for y in labels] + [z.to(device) for z in nulls])
     out = model_fn(model_x, model_t, model_y)
     channels = x.shape[1]
     cond, uncond = out[: x.shape[0], :channels], out[x.shape[0] :, :channels]
-    uncond_index = torch.full((x.shape[0],), -1, dtype=torch.int64, device=device)
-    w = torch.ones(x.shape[0], device=device)
-    starts = np.cumsum([0, *rows])
-    next_uncond = 0
-    for i in extra:
-        uncond_index[starts[i] : starts[i + 1]] = torch.arange(next_uncond, next_uncond + rows[i])
-        w[starts[i] : starts[i + 1]] = scales[i]
-        next_uncond += rows[i]
     u = stack_updates(states)
     x_next, d = guided_update(
         x, cond, uncond, uncond_index, w, u.p, u.q, u.a, u.b, u.history, u.c, u.noise,
         channels if guided_channels is None else guided_channels,
     )  # fmt: skip
-    for i, state in enumerate(states):
-        state.advance(x_next[starts[i] : starts[i + 1]], d[starts[i] : starts[i + 1]])
+    for state, x_i, d_i in zip(states, x_next.split(counts), d.split(counts), strict=True):
+        state.advance(x_i, d_i)
     return d
 
 

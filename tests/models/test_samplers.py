@@ -42,6 +42,7 @@ def gen(seed: int = 0) -> torch.Generator:
         ("ddim", {"eta": -0.5}, "eta"),
         ("ddim", {"eta": "1"}, "eta"),
         ("dpmpp-2m", {"order": 4}, "order"),
+        ("dpmpp-3m", {"order": True}, "order"),
         ("dpmpp-2m-sde", {"order": 3}, "order"),
         ("euler", {"spacing": "cosine"}, "spacing"),
         ("euler", {"final": "none"}, "final"),
@@ -57,9 +58,11 @@ def test_bad_options_name_the_field(name, options, field):
         create_sampler(name, VPProcess(), 10, (1, 1, 2, 2), gen(), options)
 
 
-def test_bad_steps_and_flow_spacing():
+def test_bad_steps_shape_and_flow_spacing():
     with pytest.raises(ValueError, match="steps"):
         create_sampler("ddim", VPProcess(), 0, (1, 1, 2, 2), gen())
+    with pytest.raises(ValueError, match="shape"):
+        create_sampler("ddim", VPProcess(), 4, (0, 1, 2, 2), gen())
     with pytest.raises(ValueError, match="spacing"):
         create_sampler("ddim", FlowProcess(), 10, (1, 1, 2, 2), gen(), {"spacing": "karras"})
     with pytest.raises(ValueError, match="shift"):
@@ -202,6 +205,16 @@ def test_noise_is_drawn_once_per_step():
         state.advance(state.x, state.x)
     with pytest.raises(ValueError, match="done"):
         state.advance(state.x, state.x)
+
+
+def test_step_batch_returns_the_data_predictions():
+    proc = VPProcess()
+    first = create_sampler("dpmpp-2m-sde", proc, 5, (2, 1, 2, 2), gen(0))
+    second = create_sampler("dpmpp-2m", proc, 5, (3, 1, 2, 2), gen(1))
+    d = step_batch(mixture_model(GaussianMixture.random(4, 8), proc), [first, second])
+    assert d.shape == (5, 1, 2, 2)  # in state order
+    torch.testing.assert_close(d[:2], first.history()[0])  # step 1 of 2M reads D_0 back
+    torch.testing.assert_close(d[2:], second.history()[0])
 
 
 # --- mixed batches -----------------------------------------------------------------------
