@@ -179,9 +179,12 @@ def _multistep_orders(
     """Per-step order: warm up from 1 and, with ``lower_order_final`` (on grids of fewer than
     ``below`` steps, or any grid when None), step down so that step i uses ≤ N − i points."""
     n = grid.steps
+    # A point at λ = −∞ (a flow grid's σ = 1) sits infinitely far back in λ: its D gets no
+    # weight in any finite difference, so steps do not reach back to it.
+    first = 1 if np.isneginf(grid.logsnr[0]) else 0
     orders = []
     for i in range(n):
-        k = min(order, i + 1)
+        k = min(order, max(i + 1 - first, 1))
         if lower_order_final and (below is None or n < below):
             k = min(k, n - i)
         if grid.sigma[i + 1] == 0.0:  # λ = +inf: only the first-order step is defined

@@ -72,12 +72,19 @@ def test_bad_steps_shape_and_flow_spacing():
 # --- structure -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
+VARIANTS = [(n, {}) for n in DETERMINISTIC] + [
+    ("unipc", {"order": 3}),
+    ("dpmpp-3m", {"lower_order_final": False}),
+    ("ddim", {"final": "min", "denoise_to_zero": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=str)
 @pytest.mark.parametrize("proc", PROCESSES, ids=PROC_IDS)
-def test_dirac_data_is_followed_exactly(name, proc):
+def test_dirac_data_is_followed_exactly(name, options, proc):
     """With all data at one point c, D ≡ c and the exact flow is x = α·c + σ·e: every step
     must land on it (a·σ = σ_next and a·α + Σb = α_next), and the end must be c."""
-    state = create_sampler(name, proc, 7, (3, 2, 2, 2), gen(1))
+    state = create_sampler(name, proc, 7, (3, 2, 2, 2), gen(1), options)
     c = torch.randn(3, 2, 2, 2, generator=gen(2))
 
     def alpha_sigma(t: float) -> tuple[float, float]:
@@ -100,6 +107,23 @@ def test_dirac_data_is_followed_exactly(name, proc):
             tol = 1e-4 if name == "heun" else 2e-5
             torch.testing.assert_close(state.x, alpha * c + sigma * e, atol=tol, rtol=1e-5)
     torch.testing.assert_close(state.x, c, atol=1e-5, rtol=1e-5)
+
+
+ORDERS = {"dpmpp-2m": (1, 2, 3), "dpmpp-3m": (1, 2, 3), "dpmpp-2m-sde": (1, 2), "unipc": (1, 2, 3)}
+
+
+@pytest.mark.parametrize("proc", PROCESSES, ids=PROC_IDS)
+def test_every_plan_is_finite(proc):
+    for name in SAMPLER_NAMES:
+        for order in ORDERS.get(name, (None,)):
+            options = {} if order is None else {"order": order}
+            for steps in (1, 2, 3, 4, 16):
+                plan = build_plan(name, proc, steps, options)
+                for e in plan:
+                    cf = e.coefficients
+                    values = [e.model_time, cf.p, cf.q, cf.a, *cf.b, cf.c]
+                    assert np.isfinite(values).all(), (name, order, steps)
+                assert len(plan[-1].coefficients.b) == 1  # the step onto σ = 0 is first order
 
 
 def test_nfe_and_history_depth():
