@@ -121,6 +121,12 @@ def test_closed_and_open_loop_results_are_consistent(server, tmp_path):
     assert {r["group"] for r in rows} == {"ddim", "dpmpp-2m", "heun"}
     check_png(out / "latency_throughput.png")
     check_png(out / "latency_cdf.png")
+    # --replot redraws the same plots from the files alone.
+    for png in out.glob("*.png"):
+        png.unlink()
+    assert bench_main(["--replot", str(out)]) == 0
+    check_png(out / "latency_throughput.png")
+    check_png(out / "latency_cdf.png")
 
 
 def ab_check(results: dict, rows: list[dict]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from denoised_client._core import DEFAULT_URL
 from denoised_client.bench import plots
 from denoised_client.bench.load import Limit
-from denoised_client.bench.report import write_reports
+from denoised_client.bench.report import read_reports, write_reports
 from denoised_client.bench.runner import BenchConfig, Scenario, Target, run_benchmark
 from denoised_client.bench.workload import Workload, load_workload, workload_from_spec
 from denoised_client.errors import DenoisedError
@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--out", default="bench-out", help="folder for results and plots")
     out.add_argument("--no-plots", action="store_true")
     out.add_argument("--no-metrics", action="store_true", help="do not scrape /metrics")
+    out.add_argument(
+        "--replot",
+        metavar="DIR",
+        help="only redraw the plots (and print the table) of an earlier run's --out folder",
+    )
     return p
 
 
@@ -170,15 +175,24 @@ def print_table(results: dict, out=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except (ValueError, OSError) as exc:
-        parser.error(str(exc))
-    if not args.no_plots:
+    if not args.no_plots or args.replot:
         try:
             plots.pyplot()
         except ImportError as exc:
             parser.error(str(exc))
+    if args.replot:
+        try:
+            results, requests = read_reports(Path(args.replot))
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"--replot {args.replot}: not a benchmark output folder ({exc})")
+        written = plots.write_plots(results, requests, Path(args.replot))
+        print_table(results)
+        print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+        return 0
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
     try:
         results, requests = asyncio.run(
             run_benchmark(config, say=lambda line: print(line, file=sys.stderr))

@@ -27,6 +27,11 @@ def pyplot():
     return plt
 
 
+def _present(value: float | None) -> bool:
+    """Whether a figure exists (NaN in a fresh run, null once read back from JSON)."""
+    return value is not None and not math.isnan(value)
+
+
 def latency_throughput(results: dict, path: Path) -> Path:
     plt = pyplot()
     kinds = [k for k in ("closed", "open") if any(s["kind"] == k for s in results["scenarios"])]
@@ -35,6 +40,7 @@ def latency_throughput(results: dict, path: Path) -> Path:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     groups = sorted({name for s in results["scenarios"] for name in s["groups"]})
     for ax, kind in zip(axes[0], kinds, strict=True):
+        drawn: list[float] = []
         for target in targets:
             runs = sorted(
                 (s for s in results["scenarios"] if s["kind"] == kind and s["target"] == target),
@@ -46,7 +52,7 @@ def latency_throughput(results: dict, path: Path) -> Path:
                     for s in runs
                     if group in s["groups"]
                 ]
-                points = [p for p in points if not math.isnan(p[1]["p50"])]
+                points = [p for p in points if _present(p[1]["p50"])]
                 if not points:
                     continue
                 x = [p[0] for p in points]
@@ -55,6 +61,7 @@ def latency_throughput(results: dict, path: Path) -> Path:
                 colour = colours[i % len(colours)]
                 ax.plot(x, [p[1]["p50"] for p in points], "-", color=colour, label=label, **style)
                 ax.plot(x, [p[1]["p99"] for p in points], "--", color=colour, **style)
+                drawn += [p[1][k] for p in points for k in ("p50", "p99")]
                 for xi, p in zip(x, points, strict=True):
                     ax.annotate(
                         p[2].split("-")[1],
@@ -66,6 +73,8 @@ def latency_throughput(results: dict, path: Path) -> Path:
         ax.set_title(f"{kind} loop (labels: c = clients, r = arrivals/s)")
         ax.set_xlabel("throughput, images/s")
         ax.set_ylabel("latency, s (p50 solid, p99 dashed)")
+        if drawn and min(drawn) > 0 and max(drawn) / min(drawn) > 20:
+            ax.set_yscale("log")  # overload stretches latency over decades
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -117,7 +126,7 @@ def ab_chart(results: dict, path: Path) -> Path:
     for j, figure in enumerate(figures):
         values = [row["ratios"][figure] for row in rows]
         xs = [i + (j - (len(figures) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, label=figure)
+        ax.bar(xs, [v if _present(v) else 0 for v in values], width, label=figure)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), [row["scenario"] for row in rows])
     ax.set_ylabel(f"ratio {rows[0]['b']} / {rows[0]['a']}")

@@ -45,6 +45,10 @@ SUMMARY_COLUMNS = [
     "server_mean_forward_s",
     "server_forwards",
 ]
+_REQUEST_NUMBERS = {
+    **dict.fromkeys(("round", "slice", "steps", "n", "nfe", "images"), int),
+    **dict.fromkeys(("guidance_scale", "start", "end", "latency", "ttfs"), float),
+}
 REQUEST_COLUMNS = [
     "target",
     "scenario",
@@ -104,6 +108,17 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
         for row in rows:
             writer.writerow({k: "" if v is None else v for k, v in _clean(row).items()})
     return path
+
+
+def read_reports(out: Path) -> tuple[dict, list[dict]]:
+    """`results.json` and the rows of `requests.csv` (numbers as numbers) from a run's folder."""
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    with (out / "requests.csv").open(newline="", encoding="utf-8") as fh:
+        requests = list(csv.DictReader(fh))
+    for row in requests:
+        for key, cast in _REQUEST_NUMBERS.items():
+            row[key] = cast(row[key]) if row[key] != "" else None
+    return results, requests
 
 
 def write_reports(results: dict, requests: list[dict], out: Path) -> list[Path]:
