@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import signal
@@ -25,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 
 import httpx
 import torch
@@ -39,7 +39,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextmanager
+@contextlib.contextmanager
 def server(model: str, device: str, threads: int, *flags: str):
     """A `denoised serve` process; yields its URL once /ready answers."""
     port = free_port()
@@ -111,10 +111,9 @@ def throughput(url: str, concurrency: int, steps: int, warmup: float, seconds: f
     return finished / seconds
 
 
-def short_p50(url: str, clients: int, warmup: float, seconds: float) -> tuple[float, int]:
+def short_p50(url: str, clients: int, warmup: float, seconds: float) -> float:
     measured, _ = asyncio.run(closed_loop(url, [10, 50] * (clients // 2), warmup, seconds))
-    short = [latency for steps, latency in measured if steps == 10]
-    return statistics.median(short), len(short)
+    return statistics.median([latency for steps, latency in measured if steps == 10])
 
 
 def machine() -> str:
@@ -127,41 +126,59 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {gpu}, torch {torch.__version__}"
 
 
+def alternate(measure, urls: dict[str, str], rounds: int) -> dict[str, float]:
+    """Median of `rounds` measurements per server, taken in turn (A, B, A, B, …), so a
+    change in the machine's load during the run touches every server alike."""
+    values: dict[str, list[float]] = {name: [] for name in urls}
+    for _ in range(rounds):
+        for name, url in urls.items():
+            values[name].append(measure(url))
+    return {name: statistics.median(v) for name, v in values.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model directory (default: the first shipped model)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=20, help="steps per throughput request")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measurement window")
-    parser.add_argument("--warmup", type=float, default=5.0, help="load before the window")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measurement window")
+    parser.add_argument("--warmup", type=float, default=2.0, help="load before the window")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure")
     parser.add_argument("--mixed-clients", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="server CPU threads (0: all)")
     args = parser.parse_args()
     model = args.model or str(default_model_dirs()[0])
     print(f"model {model}\nmachine: {machine()}; server threads: {args.threads or 'all'}\n")
 
-    rates: dict[str, dict[int, float]] = {}
-    p50: dict[str, tuple[float, int]] = {}
-    for mode, flags in [("step-level", []), ("max-batch 1", ["--max-batch", "1"]),
-                        ("request-level", ["--batching", "request"])]:  # fmt: skip
-        with server(model, args.device, args.threads, *flags) as url:
-            if mode != "request-level":
-                rates[mode] = {c: throughput(url, c, args.steps, args.seconds) for c in (1, 8, 32)}
-            if mode != "max-batch 1":
-                p50[mode] = short_p50(url, args.mixed_clients, args.warmup, args.seconds)
+    modes = {"step": [], "single": ["--max-batch", "1"], "request": ["--batching", "request"]}
+    with contextlib.ExitStack() as stack:
+        urls = {
+            mode: stack.enter_context(server(model, args.device, args.threads, *flags))
+            for mode, flags in modes.items()
+        }
+        rates = {
+            c: alternate(
+                lambda url, c=c: throughput(url, c, args.steps, args.warmup, args.seconds),
+                {m: urls[m] for m in ("step", "single")},
+                args.rounds,
+            )
+            for c in (1, 8, 32)
+        }
+        p50 = alternate(
+            lambda url: short_p50(url, args.mixed_clients, args.warmup, args.seconds),
+            {m: urls[m] for m in ("step", "request")},
+            args.rounds,
+        )
 
-    print(f"Throughput, images/s ({args.steps}-step guided requests, closed loop)")
+    print(f"Throughput, images/s ({args.steps}-step guided requests, closed loop; "
+          f"median of {args.rounds})")  # fmt: skip
     print("| concurrency | step-level | --max-batch 1 | ratio |\n|---|---|---|---|")
-    for c in (1, 8, 32):
-        step, single = rates["step-level"][c], rates["max-batch 1"][c]
-        print(f"| {c} | {step:.1f} | {single:.1f} | {step / single:.2f}x |")
-    print(f"\np50 latency of 10-step requests, {args.mixed_clients} clients, half 10-step, "
-          "half 50-step")  # fmt: skip
-    print("| batching | p50 (s) | 10-step requests measured |\n|---|---|---|")
-    for mode in ("step-level", "request-level"):
-        print(f"| {mode} | {p50[mode][0]:.3f} | {p50[mode][1]} |")
-    ratio = p50["request-level"][0] / p50["step-level"][0]
-    print(f"\nrequest-level / step-level p50: {ratio:.2f}x")
+    for c, r in rates.items():
+        print(f"| {c} | {r['step']:.1f} | {r['single']:.1f} | {r['step'] / r['single']:.2f}x |")
+    print(f"\np50 latency (s) of 10-step requests, {args.mixed_clients} clients: half 10-step, "
+          f"half 50-step (median of {args.rounds})")  # fmt: skip
+    print("| step-level | --batching request | ratio |\n|---|---|---|")
+    print(f"| {p50['step']:.3f} | {p50['request']:.3f} | {p50['request'] / p50['step']:.2f}x |")
 
 
 if __name__ == "__main__":
