@@ -94,7 +94,7 @@ def _validate(name: str, options: dict) -> None:
             f"allowed: {', '.join(sorted(allowed))}"
         )
     order = options.get("order")
-    if "order" in options and (isinstance(order, bool) or order not in _ORDERS[name]):
+    if "order" in options and (type(order) is not int or order not in _ORDERS[name]):
         raise ValueError(
             f"option 'order' for sampler {name!r} must be one of {_ORDERS[name]}; "
             f"got {options['order']!r}"
@@ -516,6 +516,8 @@ def step_batch(
     (extra channels, e.g. a learned variance, are ignored).
     """
     n = len(states)
+    if n == 0:
+        raise ValueError("step_batch needs at least one sampler state")
     scales = [1.0] * n if guidance_scales is None else [float(w) for w in guidance_scales]
     labels = [None] * n if labels is None else list(labels)
     if len(scales) != n or len(labels) != n:

@@ -43,6 +43,7 @@ def gen(seed: int = 0) -> torch.Generator:
         ("ddim", {"eta": "1"}, "eta"),
         ("dpmpp-2m", {"order": 4}, "order"),
         ("dpmpp-3m", {"order": True}, "order"),
+        ("unipc", {"order": 2.0}, "order"),
         ("dpmpp-2m-sde", {"order": 3}, "order"),
         ("euler", {"spacing": "cosine"}, "spacing"),
         ("euler", {"final": "none"}, "final"),
