@@ -81,6 +81,11 @@ def make_grid(
             raise ValueError(f"spacing must be one of {VP_SPACINGS}; got {spacing!r}")
         if shift is not None:
             raise ValueError("shift applies to flow processes only")
+        if steps > process.num_train_timesteps:
+            raise ValueError(
+                f"steps must be at most num_train_timesteps ({process.num_train_timesteps}) "
+                f"for a VP process; got {steps}"
+            )
         times = _vp_times(process, steps, spacing, final)
     alpha, sigma = process.alpha_sigma(times)
     model_time = process.model_time(times)

@@ -62,6 +62,9 @@ def test_bad_options_name_the_field(name, options, field):
 def test_bad_steps_shape_and_flow_spacing():
     with pytest.raises(ValueError, match="steps"):
         create_sampler("ddim", VPProcess(), 0, (1, 1, 2, 2), gen())
+    with pytest.raises(ValueError, match="steps must be at most"):
+        create_sampler("ddim", VPProcess(), 1001, (1, 1, 2, 2), gen())
+    assert create_sampler("ddim", VPProcess(), 1000, (1, 1, 1, 1), gen()).nfe == 1000
     with pytest.raises(ValueError, match="shape"):
         create_sampler("ddim", VPProcess(), 4, (0, 1, 2, 2), gen())
     with pytest.raises(ValueError, match="spacing"):
