@@ -16,8 +16,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
+
+# No `*_created` series: they would double the exposition, and no rule or dashboard reads them.
+disable_created_metrics()
 
 # Seconds: from tiny CPU models (tens of ms) to large guided GPU requests (minutes).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
