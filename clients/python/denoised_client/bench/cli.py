@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from denoised_client._core import DEFAULT_URL
@@ -152,16 +153,25 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}g}"
 
 
+def _width(header: str, names: Iterable[str]) -> int:
+    """A column as wide as its longest entry, plus two spaces."""
+    return 2 + max(len(header), *map(len, names))
+
+
 def print_table(results: dict, out=sys.stdout) -> None:
-    header = f"{'target':<7}{'scenario':<13}{'group':<22}{'ok/sent':>9}{'img/s':>9}"
+    scenarios = results["scenarios"]
+    wt = _width("target", (s["target"] for s in scenarios))
+    ws = _width("scenario", (s["scenario"] for s in scenarios))
+    wg = _width("group", (g for s in scenarios for g in s["groups"]))
+    header = f"{'target':<{wt}}{'scenario':<{ws}}{'group':<{wg}}{'ok/sent':>9}{'img/s':>9}"
     header += f"{'p50 s':>9}{'p90 s':>9}{'p99 s':>9}{'ttfs50':>9}  errors"
     print(header, file=out)
-    for s in results["scenarios"]:
+    for s in scenarios:
         for group, f in [("all", s["overall"]), *s["groups"].items()]:
             lat, ttfs = f["latency_s"], f["ttfs_s"]
             errors = ",".join(f"{k}×{v}" for k, v in f["errors"].items())
             print(
-                f"{s['target']:<7}{s['scenario']:<13}{group:<22}"
+                f"{s['target']:<{wt}}{s['scenario']:<{ws}}{group:<{wg}}"
                 f"{f['ok']:>4}/{f['requests']:<4}{_fmt(f['images_per_s']):>9}"
                 f"{_fmt(lat['p50']):>9}{_fmt(lat['p90']):>9}{_fmt(lat['p99']):>9}"
                 f"{_fmt(ttfs['p50']):>9}  {errors}",
