@@ -14,6 +14,9 @@ from diffusers import (
 from denoised.models.grids import VP_SPACINGS, make_grid
 from denoised.models.process import FlowProcess, VPProcess
 
+# diffusers converts a tensor through NumPy with a deprecated copy keyword.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 SCALED = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 STEPS = (1, 7, 10, 13, 25, 50, 999)
 
