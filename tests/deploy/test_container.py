@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -74,10 +75,12 @@ def fill_wheelhouse() -> None:
     )
     constraints.unlink()
     assert download.returncode == 0, download.stdout[-2000:] + download.stderr[-2000:]
-    used = set(re.findall(r"(?:Saved|File was already downloaded) (\S+\.whl)", download.stdout))
+    # pip names each wheel it saved or found (by an absolute or a relative path).
+    found = re.findall(r"(?:Saved|File was already downloaded) (\S+\.whl)", download.stdout)
+    used = {Path(path).name for path in found}
     assert used, f"no wheel in pip's output:\n{download.stdout[-2000:]}"
     for wheel in WHEELS.glob("*.whl"):
-        if str(wheel) not in used:
+        if wheel.name not in used:
             wheel.unlink()
 
 
