@@ -2,7 +2,8 @@
 here): built on the local Debian base (deploy/ci-setup.sh prepares it) from an offline
 wheelhouse with this venv's torch and dependency versions, run as its non-root user with a
 read-only root filesystem and host networking; it must become ready, generate an image through
-the API, expose its metrics, pass its HEALTHCHECK and drain on SIGTERM with exit code 0."""
+the API, expose its metrics, pass its HEALTHCHECK and drain on SIGTERM with exit code 0; and
+serve a model directory mounted at /models instead of the defaults."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -117,37 +121,51 @@ def test_image_configuration(image):
     assert "gcc" not in listing and "No such file" in listing
 
 
-def test_container_serves_the_default_model(image, tmp_path):
+@contextmanager
+def container(image: str, *run_args: str) -> Iterator[tuple[str, str, dict]]:
+    """The image running detached with host networking on a free port, as deploy/k8s runs it
+    (read-only root filesystem, a writable scratch $HOME); yields (name, base URL, /ready body)
+    once ready. Removed afterwards."""
     port = free_port()
     name = f"denoised-test-{uuid.uuid4().hex[:8]}"
     base = f"http://127.0.0.1:{port}"
     podman(
         "run", "--detach", "--name", name, "--network", "host",
-        # As in deploy/k8s: read-only root filesystem, a writable scratch $HOME.
         "--read-only", "--tmpfs", "/home/denoised:rw,U",
         "--env", f"DENOISED_PORT={port}", "--env", "DENOISED_DRAIN_SECONDS=10",
-        image,
+        *run_args, image,
     )  # fmt: skip
     try:
-        running = lambda: podman("inspect", "-f", "{{.State.Running}}", name).stdout.strip()  # noqa: E731
+        running = lambda: podman("inspect", "-f", "{{.State.Running}}", name).stdout  # noqa: E731
         try:
-            ready = wait_until_ready(base, timeout=300, alive=lambda: running() == "true")
+            ready = wait_until_ready(base, timeout=300, alive=lambda: "true" in running())
         except AssertionError as exc:
             logs = podman("logs", name, check=False)
             raise AssertionError(f"{exc}\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}") from None
+        yield name, base, ready
+    finally:
+        podman("rm", "--force", name, check=False)
 
+
+def generate_png(base: str, model: dict) -> dict:
+    """One image through the API; checks it is a non-constant PNG of the model's size."""
+    body = generate(base, model, sampler=model["defaults"]["sampler"], seed=7)
+    (item,) = body["data"]
+    picture = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+    assert picture.format == "PNG"
+    assert "x".join(map(str, picture.size)) == model["defaults"]["size"]
+    assert any(lo < hi for lo, hi in picture.convert("RGB").getextrema()), "a constant image"
+    return body
+
+
+def test_container_serves_the_default_model(image):
+    with container(image) as (name, base, ready):
         # The default command serves what `denoised serve` serves with no arguments.
         expected = [json.loads((d / "config.json").read_text()).get("name", d.name)
                     for d in default_model_dirs()]  # fmt: skip
         assert ready["models"] == expected
-        models = httpx.get(f"{base}/v1/models", timeout=10).json()["data"]
-        model = models[0]
-        body = generate(base, model, sampler=model["defaults"]["sampler"], seed=7)
-        (item,) = body["data"]
-        picture = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
-        assert picture.format == "PNG"
-        assert "x".join(map(str, picture.size)) == model["defaults"]["size"]
-        assert any(lo < hi for lo, hi in picture.convert("RGB").getextrema()), "a constant image"
+        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]
+        body = generate_png(base, model)
 
         text = httpx.get(f"{base}/metrics", timeout=10).text
         samples = {
@@ -155,8 +173,7 @@ def test_container_serves_the_default_model(image, tmp_path):
             for family in text_string_to_metric_families(text)
             for s in family.samples
         }
-        labels = (("model", model["id"]),)
-        assert samples[("denoised_images_total", labels)] == 1
+        assert samples[("denoised_images_total", (("model", model["id"]),))] == 1
         assert samples[("denoised_ready", ())] == 1
         ok = (("model", model["id"]), ("sampler", body["sampler"]), ("status", "ok"))
         assert samples[("denoised_requests_total", ok)] == 1
@@ -164,12 +181,25 @@ def test_container_serves_the_default_model(image, tmp_path):
         # The image's HEALTHCHECK, run by podman inside the container.
         health = podman("healthcheck", "run", name, check=False)
         assert health.returncode == 0, health.stdout + health.stderr
-        uid = podman("exec", name, "id", "-u").stdout.strip()
-        assert uid != "0"
+        assert podman("exec", name, "id", "-u").stdout.strip() != "0"
 
         # SIGTERM: the server drains and exits 0 well within the grace period.
         podman("stop", "--time", "30", name, timeout=60)
         exit_code = podman("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip()
         assert exit_code == "0", podman("logs", name, check=False).stderr[-3000:]
-    finally:
-        podman("rm", "--force", name, check=False)
+
+
+def test_container_serves_a_model_from_the_volume(image, tmp_path):
+    """A model directory mounted at /models and named by DENOISED_MODELS replaces the default."""
+    source = default_model_dirs()[0]
+    mounted = tmp_path / "mine"
+    shutil.copytree(source, mounted)
+    config = json.loads((mounted / "config.json").read_text())
+    (mounted / "config.json").write_text(json.dumps({**config, "name": "mounted-model"}))
+    for path in (mounted, *mounted.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the image's user
+    mount = ("--volume", f"{mounted}:/models/mine:ro", "--env", "DENOISED_MODELS=/models/mine")
+    with container(image, *mount) as (_, base, ready):
+        assert ready["models"] == ["mounted-model"]
+        (model,) = httpx.get(f"{base}/v1/models", timeout=10).json()["data"]
+        generate_png(base, model)
