@@ -111,7 +111,10 @@ def train(
     num_classes: int,
     log: Callable[[str], None] = print,
     log_every: int = 100,
+    on_log: Callable[[nn.Module, int], None] | None = None,
 ) -> TrainResult:
+    """Train `backbone` in place; returns its EMA copy. `on_log(ema, step)` runs at each log
+    line (the recipe uses it to write snapshots that can be judged while training runs)."""
     generator = torch.Generator().manual_seed(s.seed)
     ema = copy.deepcopy(backbone).requires_grad_(False)
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -143,6 +146,8 @@ def train(
             window.clear()
             elapsed = time.perf_counter() - start
             log(f"step {step + 1:5d}/{s.steps}  loss {mean:.4f}  lr {lr:.2e}  {elapsed:5.0f} s")
+            if on_log is not None:
+                on_log(ema, step + 1)
     return TrainResult(ema.eval(), losses, time.perf_counter() - start)
 
 
@@ -175,7 +180,9 @@ def write_loss_curve(
     image.save(png_path)
 
 
-def train_recipe(name: str, out_dir: Path, steps: int | None = None) -> Path:
+def train_recipe(
+    name: str, out_dir: Path, steps: int | None = None, snapshot_every: int | None = None
+) -> Path:
     """Train the recipe `name` and write its model directory (EMA weights stored in fp16),
     loss curve (loss.csv, loss.png) and training record (training.json) under out_dir/name."""
     recipe = load_recipes()[name]
@@ -185,13 +192,24 @@ def train_recipe(name: str, out_dir: Path, steps: int | None = None) -> Path:
     if isinstance(backbone, DiT):
         backbone.initialize_for_training()
     process = process_from_config(recipe["process"])
-    result = train(backbone, process, load_digits_split(), settings, len(CLASS_NAMES))
-    path = save_model_dir(
-        out_dir / name,
-        result.ema.half(),
-        {"name": name, "family": recipe["family"], "process": recipe["process"],
-         "class_names": CLASS_NAMES},
+    config = {
+        "name": name,
+        "family": recipe["family"],
+        "process": recipe["process"],
+        "class_names": CLASS_NAMES,
+        "defaults": recipe["defaults"],
+    }
+
+    def save(ema: nn.Module, step: int | None = None) -> Path:
+        # fp16 storage halves the files; the loader casts to the serving dtype.
+        return save_model_dir(out_dir / name, copy.deepcopy(ema).half(), config)
+
+    snapshot = save if snapshot_every else None
+    result = train(
+        backbone, process, load_digits_split(), settings, len(CLASS_NAMES),
+        log_every=snapshot_every or 100, on_log=snapshot,
     )  # fmt: skip
+    path = save(result.ema)
     write_loss_curve(result.losses, path / "loss.csv", path / "loss.png")
     record = {
         "steps": settings.steps,
@@ -213,13 +231,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="override the recipe's step count")
     parser.add_argument("--out", type=Path, default=ZOO_DIR, help="parent of the model dirs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--snapshot-every", type=int, help="also write the model dir every N steps while training"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipes = load_recipes()
     for name in args.names or list(recipes):
         if name not in recipes:
             raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(recipes)}")
-        train_recipe(name, args.out, args.steps)
+        train_recipe(name, args.out, args.steps, args.snapshot_every)
 
 
 if __name__ == "__main__":
