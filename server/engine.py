@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from denoised.server.batcher import Candidate, make_batcher
+from denoised.server.faults import parse_faults
 from denoised.server.imaging import encode_image, encode_stack_npy, preview_png, to_unit_range
 from denoised.server.jobs import (
     Draining,
@@ -93,7 +94,12 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.device = device
-        self.runners = {name: ModelRunner(m.loaded, dtype) for name, m in registry.models.items()}
+        faults = parse_faults(settings.fault_injection)
+        if faults.active:
+            log.warning("fault injection is on (tests only): %s", faults)
+        self.runners = {
+            name: ModelRunner(m.loaded, dtype, faults) for name, m in registry.models.items()
+        }
         self.batcher = make_batcher(settings.batching, settings.max_batch)
         self._jobs: list[Job] = []  # admitted and unfinished, oldest first
         self._finishing = 0  # finished jobs still being decoded/encoded
@@ -252,6 +258,10 @@ class Engine:
         try:
             outcome = runner.step(jobs)
         except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                log.warning("out of memory in a forward of %d requests: splitting", len(jobs))
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the failed forward's blocks, before the retry
             if len(jobs) == 1:
                 log.exception("step failed for request %s", jobs[0].params.request_id)
                 return {}, {jobs[0]: f"the model step failed: {type(exc).__name__}"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from denoised.models.samplers import step_batch
+from denoised.server.faults import Faults
 
 
 @dataclass
@@ -26,11 +27,12 @@ class StepOutcome:
 class ModelRunner:
     """Owns one loaded model on the engine's device."""
 
-    def __init__(self, model, dtype: torch.dtype) -> None:
+    def __init__(self, model, dtype: torch.dtype, faults: Faults | None = None) -> None:
         self.model = model
         self.dtype = dtype
         self.device = next(model.backbone.parameters()).device
         self.null_label = model.num_classes  # the label id trained as "no class"
+        self._model_fn = (faults or Faults()).wrap(self._forward)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.model.backbone(x.to(self.dtype), t, y)
@@ -56,7 +58,7 @@ class ModelRunner:
             ]
         scales = [job.params.guidance_scale if job.params.guided else 1.0 for job in jobs]
         d = step_batch(
-            self._forward, states, scales, labels, self.null_label, self.model.guided_channels
+            self._model_fn, states, scales, labels, self.null_label, self.model.guided_channels
         )
         counts = [state.x.shape[0] for state in states]
         x_next = torch.cat([state.x for state in states])

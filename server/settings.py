@@ -39,6 +39,7 @@ class Settings:
     api_keys_file: str | None = None
     metrics_auth: bool = False  # whether /metrics needs an API key too
     encode_threads: int = 2  # decode (VAE) + image encoding off the engine thread
+    fault_injection: str = ""  # tests only: faults to inject (see server/faults.py); "" = none
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
