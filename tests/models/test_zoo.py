@@ -5,6 +5,7 @@ the evaluation rests on."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from denoised.models.zoo.data import CLASS_NAMES, load_digits_split
 from denoised.models.zoo.evaluate import generate
 from denoised.models.zoo.hashes import HASHES_PATH, file_hashes
 from denoised.models.zoo.judge import frechet_distance, judge_images, load_judge
-from denoised.models.zoo.train import load_recipes
+from denoised.models.zoo.train import TrainSettings, load_recipes, native_time_at_log_snr, train
 
 # 16 samples (labels 0..9, 0..5), DPM-Solver++(2M), 10 steps, guidance 2, seed 0. Measured
 # over seeds 0-3: the shipped models score 15 or 16 of 16, an untrained DiT 0 to 2 of 16.
@@ -101,3 +102,39 @@ def test_frechet_distance_matches_an_eigenvalue_formula():
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * cross
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["digits-dit", "digits-flow"])
+def test_log_snr_time_map_inverts_the_process(name):
+    process = process_from_config(load_recipes()[name]["process"])
+    # Inside the VP schedule's λ range (about −5.1 at τ = 999 to 4.6 at τ = 0).
+    log_snr = torch.linspace(-4.5, 4.5, 23, dtype=torch.float64)
+    t = native_time_at_log_snr(process, log_snr)
+    alpha, sigma = process.alpha_sigma(t.double().numpy())
+    np.testing.assert_allclose(np.log(alpha / sigma), log_snr.numpy(), atol=1e-4)
+
+
+def test_log_snr_beyond_the_vp_schedule_clamps_to_its_ends():
+    process = process_from_config(load_recipes()["digits-dit"]["process"])
+    t = native_time_at_log_snr(process, torch.tensor([-9.0, 9.0]))
+    assert t.tolist() == [999.0, 0.0]
+
+
+def test_training_is_seeded():
+    recipe = load_recipes()["digits-dit"]
+    settings = TrainSettings(**{**recipe["train"], "steps": 3, "batch_size": 8})
+    split = load_digits_split()
+
+    def run(seed: int) -> dict:
+        torch.manual_seed(0)
+        backbone = build_backbone(recipe["family"], recipe["architecture"])
+        result = train(
+            backbone, process_from_config(recipe["process"]), split,
+            replace(settings, seed=seed), 10, log=lambda _: None,
+        )  # fmt: skip
+        assert [step for step, _, _ in result.losses] == [3]
+        return result.ema.state_dict()
+
+    first, again, other = run(0), run(0), run(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
