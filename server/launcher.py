@@ -15,6 +15,7 @@ import uvicorn
 
 from denoised.server.api import create_app
 from denoised.server.lifecycle import ServerState
+from denoised.server.middleware import RequestIdLogFilter
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")
@@ -50,16 +51,37 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+# Every line, ours and uvicorn's (access lines included), names the request it belongs to.
+LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"request_id": {"()": RequestIdLogFilter}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"}
+    },
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["request_id"],
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "loggers": {
+        "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        "uvicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+    },
+    "root": {"handlers": ["stderr"], "level": "INFO"},
+}
+
+
 def serve(settings: Settings) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=5,
-        log_level="info",
+        log_config=LOG_CONFIG,
     )
     DrainingServer(config, app.state.server, settings.drain_seconds).run()

@@ -1,9 +1,12 @@
 """Request context as plain ASGI middleware (it must not buffer streams or hide client
-disconnects): a request id for every request, and a limit on the body size."""
+disconnects): a request id for every request, and a limit on the body size. The id is also
+a context variable, so every log line written while handling the request carries it."""
 
 from __future__ import annotations
 
+import contextvars
 import json
+import logging
 import re
 import uuid
 
@@ -13,6 +16,16 @@ from denoised.server.errors import REQUEST_ID_HEADER, APIError, error_body
 
 _HEADER_KEY = REQUEST_ID_HEADER.lower().encode()
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds `request_id` to log records: the id of the request being handled, else "-"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get()
+        return True
 
 
 class RequestContextMiddleware:
@@ -32,6 +45,7 @@ class RequestContextMiddleware:
         given = headers.get(_HEADER_KEY, b"").decode("latin-1")
         request_id = given if _CLIENT_ID.match(given) else f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
+        current_request_id.set(request_id)  # this request's task only
         limit = self.max_body_bytes
 
         async def send_with_id(message) -> None:
