@@ -73,7 +73,8 @@ def error_response(error: APIError, request_id: str | None) -> JSONResponse:
 def _validation_error(exc: RequestValidationError) -> APIError:
     """The first problem, named by its field path, with pydantic's wording (which lists the
     allowed values for enumerations)."""
-    first = exc.errors()[0]
+    errors = exc.errors()
+    first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     kind = first.get("type", "")
@@ -84,6 +85,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if kind == "missing" and not loc:
         return APIError(422, "a JSON object body is required", None)
     message = first.get("msg", "invalid value")
+    union = [e for e in errors if tuple(e.get("loc", ()))[:-1] == tuple(first["loc"])[:-1]]
+    if len(union) > 1 and len(loc) > 1:
+        # A value that fits no member of a union (e.g. a sampler option): pydantic reports
+        # one error per member under the member's name; name the field once, list them all.
+        param = ".".join(loc[:-1])
+        message = "; ".join(f"as {e['loc'][-1]}: {e.get('msg', 'invalid')}" for e in union)
     return APIError(422, f"{param}: {message}" if param else message, param)
 
 
@@ -98,7 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing gave up
+            message = "the body nests too deeply to parse"
+        error = APIError(exc.status_code, message, headers=dict(exc.headers or {}))
         return error_response(error, request_id_of(request))
 
     @app.exception_handler(Exception)
