@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -260,6 +261,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.server = server
     app.state.api_keys = settings.all_api_keys()
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:  # off by default: browsers on other origins get no access
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Seed", "X-Model", "Retry-After"],
+        )
     install_error_handlers(app)
     guarded = [Depends(require_api_key)]
 

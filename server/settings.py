@@ -38,6 +38,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None
     metrics_auth: bool = False  # whether /metrics needs an API key too
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-origin; () = CORS off
     encode_threads: int = 2  # decode (VAE) + image encoding off the engine thread
     fault_injection: str = ""  # tests only: faults to inject (see server/faults.py); "" = none
 
