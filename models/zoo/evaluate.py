@@ -129,9 +129,51 @@ def evaluate(rows, samples: int, results_dir: Path = RESULTS_DIR, zoo_dir: Path 
         )
 
 
+# The issue's targets: class accuracy at 20 NFE with the recommended sampler (guidance <= 4)
+# for these models, and DPM-Solver++(2M)'s Fréchet distance at 10 NFE against its own 50 NFE.
+RECOMMENDED_SAMPLER = "dpmpp-2m"
+ACCURACY_TARGET, ACCURACY_MODELS = 0.95, ("digits-dit", "digits-flow")
+FD_RATIO_TARGET = 1.5
+
+
+def render_targets(results: dict) -> list[str]:
+    by_key = {row_key(r): r for r in results["rows"]}
+    lines = [
+        "| model | guidance | accuracy, 20 NFE | FD 10 NFE | FD 50 NFE | ratio 10/50 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for model in ZOO_MODELS:
+        for w in GUIDANCE:
+            r20, r10, r50 = (by_key.get((model, RECOMMENDED_SAMPLER, n, w)) for n in (20, 10, 50))
+            if not (r20 and r10 and r50):
+                continue
+            ratio = r10["frechet"] / r50["frechet"]
+            lines.append(
+                f"| {model} | {w:g} | {100 * r20['accuracy']:.1f} % | {r10['frechet']:.2f} | "
+                f"{r50['frechet']:.2f} | {ratio:.2f}{'' if ratio <= FD_RATIO_TARGET else ' ✗'} |"
+            )
+    lines.append("")
+    for model in ACCURACY_MODELS:
+        rows = [by_key.get((model, RECOMMENDED_SAMPLER, 20, w)) for w in GUIDANCE]
+        best = max((r for r in rows if r), key=lambda r: r["accuracy"], default=None)
+        if best is not None:
+            met = "met" if best["accuracy"] >= ACCURACY_TARGET else "MISSED"
+            lines.append(
+                f"- {model}: best 20-NFE accuracy {100 * best['accuracy']:.1f} % at guidance "
+                f"{best['guidance']:g} — accuracy target {met}."
+            )
+    return lines
+
+
 def render_table(results: dict) -> str:
     floor = results["floor"]
     lines = [
+        f"Targets ({RECOMMENDED_SAMPLER}): class accuracy ≥ {100 * ACCURACY_TARGET:.0f} % at 20 "
+        f"NFE for {' and '.join(ACCURACY_MODELS)} at some guidance ≤ 4; Fréchet distance at 10 "
+        f"NFE ≤ {FD_RATIO_TARGET}× its 50-NFE value (✗ marks a miss).",
+        "",
+        *render_targets(results),
+        "",
         f"Floor: held-out real digits vs training digits, Fréchet distance "
         f"**{floor['frechet']:.2f}**; the judge classifies the held-out digits with "
         f"{100 * floor['judge_accuracy']:.1f} % accuracy.",

@@ -13,9 +13,10 @@ import torch
 
 from denoised.models.checkpoint import build_backbone, load_model_dir
 from denoised.models.process import process_from_config
+from denoised.models.samplers import SAMPLER_NAMES, create_sampler
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
 from denoised.models.zoo.data import CLASS_NAMES, load_digits_split
-from denoised.models.zoo.evaluate import generate
+from denoised.models.zoo.evaluate import BEGIN, END, NFES, generate, sampler_steps, write_doc
 from denoised.models.zoo.hashes import HASHES_PATH, file_hashes
 from denoised.models.zoo.judge import frechet_distance, judge_images, load_judge
 from denoised.models.zoo.train import TrainSettings, load_recipes, native_time_at_log_snr, train
@@ -138,3 +139,31 @@ def test_training_is_seeded():
     first, again, other = run(0), run(0), run(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("nfe", NFES)
+def test_every_sampler_spends_at_most_the_rows_nfe(nfe):
+    process = process_from_config(load_recipes()["digits-dit"]["process"])
+    for sampler in SAMPLER_NAMES:
+        state = create_sampler(
+            sampler, process, sampler_steps(sampler, nfe), (1, 1, 8, 8), torch.Generator()
+        )
+        assert nfe - 1 <= state.nfe <= nfe, sampler
+
+
+def test_doc_table_replaces_only_the_marked_section(tmp_path):
+    row = {
+        "model": "digits-flow", "sampler": "euler", "nfe": 10, "guidance": 2.0, "evaluations": 10,
+        "samples": 1000, "accuracy": 0.987, "frechet": 12.345, "seconds": 3.0,
+    }  # fmt: skip
+    results = {"floor": {"frechet": 4.5, "judge_accuracy": 0.98}, "rows": [row]}
+    doc = tmp_path / "zoo.md"
+    doc.write_text(f"intro\n{BEGIN}\nold table\n{END}\noutro\n")
+    write_doc(results, doc)
+    text = doc.read_text()
+    assert text.startswith(f"intro\n{BEGIN}\n") and text.endswith(f"{END}\noutro\n")
+    assert "old table" not in text
+    assert "| digits-flow | euler | 10 | 10 | 2 | 98.7 % | 12.35 | 3.0 |" in text
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        write_doc(results, doc)
