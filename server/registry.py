@@ -3,8 +3,6 @@ request into validated `GenerationParams` plus its sampler state."""
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -13,7 +11,7 @@ from pathlib import Path
 import torch
 
 import denoised.models.zoo as zoo
-from denoised.models.checkpoint import build_backbone, load_model_dir, save_model_dir
+from denoised.models.checkpoint import load_model_dir
 from denoised.models.samplers import SAMPLER_NAMES, create_sampler
 from denoised.server.jobs import GenerationParams
 from denoised.server.schemas import ModelCard, ModelDefaults, SamplingFields
@@ -24,26 +22,15 @@ DEFAULT_ZOO_MODELS = ("digits-dit", "digits-flow", "digits-unet")
 
 
 def default_model_dirs() -> list[Path]:
-    """The shipped zoo models; while none are trained yet, a random-weight `digits-dit` built
-    from the zoo recipe in the user's cache directory (it serves noise, but serves)."""
+    """The shipped zoo models (`models/zoo/<name>/`), in `DEFAULT_ZOO_MODELS` order."""
     root = Path(zoo.__file__).parent
     shipped = [root / n for n in DEFAULT_ZOO_MODELS if (root / n / "config.json").is_file()]
-    if shipped:
-        return shipped
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = cache / "denoised" / "untrained-digits-dit"
-    if not (path / "config.json").is_file():
-        recipe = json.loads((root / "recipes.json").read_text())["digits-dit"]
-        torch.manual_seed(0)
-        backbone = build_backbone(recipe["family"], recipe["architecture"])
-        config = {
-            "name": "digits-dit",
-            "process": recipe["process"],
-            "class_names": [str(i) for i in range(10)],
-            "source": "untrained (random weights): the zoo model is not built yet",
-        }
-        save_model_dir(path, backbone, config)
-    return [path]
+    if not shipped:
+        raise ValueError(
+            f"no shipped models under {root}; name model directories with --model DIR "
+            "or DENOISED_MODELS"
+        )
+    return shipped
 
 
 class FieldError(ValueError):

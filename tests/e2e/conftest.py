@@ -42,13 +42,14 @@ def model_dirs(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="session")
 def launch(model_dirs, tmp_path_factory):
-    """`launch(*flags)` starts a server with both tiny models and waits for /ready."""
+    """`launch(*flags)` starts a server with both tiny models (or, with `defaults=True`, with
+    no model flags: the shipped defaults) and waits for /ready."""
     servers: list[Server] = []
 
-    def start(*flags: str) -> Server:
+    def start(*flags: str, defaults: bool = False) -> Server:
         port = _free_port()
         args = [sys.executable, "-m", "denoised.server.cli", "serve", "--port", str(port)]
-        for directory in model_dirs:
+        for directory in [] if defaults else model_dirs:
             args += ["--model", directory]
         log = tmp_path_factory.mktemp("server") / "server.log"
         env = {**os.environ, "DENOISED_THREADS": "1"}  # the CI machine is small and shared

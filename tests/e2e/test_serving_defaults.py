@@ -1,0 +1,36 @@
+"""`denoised serve` without model flags serves the shipped zoo models, and what they return
+over HTTP is the digit that was asked for (judged by the zoo's digit classifier)."""
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from denoised.models.zoo.judge import judge_images, load_judge
+
+pytestmark = pytest.mark.e2e
+
+ZOO = ["digits-dit", "digits-flow", "digits-unet"]
+
+
+def test_serve_without_models_serves_the_zoo_and_draws_the_asked_digit(launch):
+    server = launch(defaults=True)
+    cards = httpx.get(server.url + "/v1/models").json()["data"]
+    assert [card["id"] for card in cards] == ZOO
+    judge = load_judge()
+    for card in cards:
+        assert card["classes"] == [str(i) for i in range(10)] and card["sizes"] == ["8x8"]
+        images = []
+        for digit in range(10):
+            body = {"model": card["id"], "label": str(digit), "n": 2, "seed": digit,
+                    "output_format": "npy", "response_format": "bytes"}  # fmt: skip
+            response = httpx.post(server.url + "/v1/generate", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            images.append(np.load(io.BytesIO(response.content)))
+        pixels = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2)  # [20, 1, 8, 8]
+        _, predicted = judge_images(judge, pixels * 2 - 1)
+        asked = torch.arange(10).repeat_interleave(2)
+        accuracy = (predicted == asked).float().mean().item()
+        assert accuracy >= 0.8, (card["id"], predicted.tolist())
