@@ -24,7 +24,7 @@ from denoised.server.imaging import MEDIA_TYPES
 from denoised.server.jobs import Job, JobError, JobResult, QueueFull
 from denoised.server.lifecycle import ServerState
 from denoised.server.middleware import RequestContextMiddleware
-from denoised.server.registry import FieldError, UnknownModel
+from denoised.server.registry import FieldError, ModelUnavailable, UnknownModel
 from denoised.server.schemas import (
     ErrorResponse,
     GenerateRequest,
@@ -208,6 +208,8 @@ async def _generate(
         model = registry.get(body.model)
     except UnknownModel as exc:
         raise APIError(404, str(exc), param="model") from None
+    except ModelUnavailable as exc:
+        raise APIError(503, str(exc), param="model") from None
     try:
         params, sampler_state = model.prepare(
             body, label, label_param, server.settings, request_id, engine.device
@@ -325,6 +327,8 @@ def create_app(settings: Settings) -> FastAPI:
             return registry.get(model_id).card()
         except UnknownModel as exc:
             raise APIError(404, str(exc), param="model_id") from None
+        except ModelUnavailable as exc:
+            raise APIError(503, str(exc), param="model_id") from None
 
     @app.get("/health", response_model=Health, tags=["operations"], summary="Process alive")
     async def health() -> Health:
@@ -341,6 +345,8 @@ def create_app(settings: Settings) -> FastAPI:
         server = _state(request)
         models = list(server.registry.models) if server.registry else []
         detail = {"error": server.error} if server.error else {}
+        if server.registry and server.registry.unavailable:  # served, but not all models
+            detail["unavailable"] = server.registry.unavailable
         body = Readiness(
             ready=server.status == "ready", status=server.status, models=models, detail=detail
         )

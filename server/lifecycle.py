@@ -42,7 +42,7 @@ class ServerState:
             device, dtype = resolve_device(self.settings)
             dirs = list(self.settings.models) or default_model_dirs()
             log.info("loading %s on %s (%s)", ", ".join(map(str, dirs)), device, dtype)
-            registry = load_registry(dirs, device, dtype)
+            registry = load_registry(dirs, device, dtype, self.settings.model_roots)
             engine = Engine(registry, self.settings, self.metrics, device, dtype)
             if self.settings.warmup:
                 engine.warm_up()

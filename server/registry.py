@@ -3,19 +3,28 @@ request into validated `GenerationParams` plus its sampler state."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import denoised.models.zoo as zoo
-from denoised.models.checkpoint import load_model_dir
+from denoised.models.checkpoint import (
+    CONFIG_FILE,
+    VAE_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    load_model_dir,
+)
 from denoised.models.samplers import SAMPLER_NAMES, create_sampler
 from denoised.server.jobs import GenerationParams
 from denoised.server.schemas import ModelCard, ModelDefaults, SamplingFields
 from denoised.server.settings import Settings
+
+log = logging.getLogger("denoised.server")
 
 # The zoo models `denoised serve` serves when no model is named, in this order.
 DEFAULT_ZOO_MODELS = ("digits-dit", "digits-flow", "digits-unet")
@@ -45,6 +54,13 @@ class FieldError(ValueError):
 class UnknownModel(LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"model {name!r} is not served; available: {', '.join(known)}")
+
+
+class ModelUnavailable(LookupError):
+    """A configured model that failed to load (answered with 503)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"model {name!r} is unavailable: it failed to load ({reason})")
 
 
 def resolve_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
@@ -223,9 +239,12 @@ class ServedModel:
 
 
 class ModelRegistry:
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(
+        self, models: list[ServedModel], unavailable: dict[str, str] | None = None
+    ) -> None:
         if not models:
             raise ValueError("no models to serve")
+        self.unavailable = dict(unavailable or {})  # directory name → why it did not load
         self.models: dict[str, ServedModel] = {}
         for model in models:
             if model.name in self.models:
@@ -235,15 +254,49 @@ class ModelRegistry:
 
     def get(self, name: str | None) -> ServedModel:
         key = self.default if name is None else name
+        if key in self.unavailable and key not in self.models:
+            raise ModelUnavailable(key, self.unavailable[key])
         if key not in self.models:
             raise UnknownModel(key, list(self.models))
         return self.models[key]
 
 
+def confined_model_dir(path: Path | str, roots: Sequence[str] = ()) -> Path:
+    """`path` with symlinks and `..` resolved. ValueError when it lies outside every one of
+    `roots` (if any are configured), or when a file it serves links outside it and them."""
+    resolved = Path(path).resolve()
+    allowed = [Path(root).resolve() for root in roots]
+    if allowed and not any(resolved.is_relative_to(root) for root in allowed):
+        raise ValueError(
+            f"{path} resolves to {resolved}, outside the model roots "
+            f"({', '.join(map(str, allowed))})"
+        )
+    for name in (CONFIG_FILE, WEIGHTS_FILE, VAE_WEIGHTS_FILE):
+        target = (resolved / name).resolve()
+        if not any(target.is_relative_to(root) for root in [resolved, *allowed]):
+            raise ValueError(f"{resolved / name} links to {target}, outside its model directory")
+    return resolved
+
+
 def load_registry(
-    dirs: list[Path | str], device: torch.device, dtype: torch.dtype
+    dirs: list[Path | str],
+    device: torch.device,
+    dtype: torch.dtype,
+    roots: Sequence[str] = (),
 ) -> ModelRegistry:
+    """Every model directory that loads (confined to `roots`, see `confined_model_dir`). One
+    that does not is logged and listed in `unavailable` with the reason, so the others still
+    serve; ValueError when none loads."""
     created = int(time.time())
-    return ModelRegistry(
-        [ServedModel(load_model_dir(Path(d), device=device, dtype=dtype), created) for d in dirs]
-    )
+    served, unavailable = [], {}
+    for directory in dirs:
+        try:
+            path = confined_model_dir(directory, roots)
+            served.append(ServedModel(load_model_dir(path, device=device, dtype=dtype), created))
+        except Exception as exc:
+            log.exception("model directory %s failed to load", directory)
+            unavailable[Path(directory).name] = f"{type(exc).__name__}: {exc}"
+    if not served:
+        reasons = "; ".join(f"{name}: {why}" for name, why in unavailable.items())
+        raise ValueError(f"no model could be loaded ({reasons})")
+    return ModelRegistry(served, unavailable)

@@ -18,6 +18,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     models: tuple[str, ...] = ()  # model directories; empty: the shipped default models
+    model_roots: tuple[str, ...] = ()  # if set, model directories must resolve inside these
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # backbone dtype; auto: float32 on cpu, bfloat16 on cuda
     threads: int = 0  # CPU threads for torch ops; 0: torch's default (one per core)
