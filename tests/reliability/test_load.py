@@ -1,0 +1,67 @@
+"""A reduced run of benchmarks/soak.py against a real server: a few hundred mixed requests
+(every sampler, several step counts, guided and unguided, n = 1–4, both models) from 64
+concurrent clients into a small queue. Every request is answered, nothing is 5xx, every
+rejection is a 429 with Retry-After, and the server's RSS does not keep growing."""
+
+import asyncio
+import itertools
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from serving_helpers import metric_samples, value
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from soak import MiB, mixed_bodies, rss_bytes, run_load, sample_rss
+
+pytestmark = pytest.mark.e2e
+
+REQUESTS = 300
+CONCURRENCY = 64
+RSS_GROWTH_BOUND = 48 * MiB  # across a second round of the same load
+
+
+def test_mixed_load_loses_nothing_and_rejects_only_with_429(launch):
+    server = launch("--max-queue", "12", "--max-batch", "32")
+    cards = httpx.get(server.url + "/v1/models").json()["data"]
+    bodies = list(itertools.islice(mixed_bodies(cards, seed=1), REQUESTS))
+    assert {b["sampler"] for b in bodies} == set(cards[0]["samplers"])  # every sampler
+    assert {b["n"] for b in bodies} == {1, 2, 3, 4}
+    assert {b.get("guidance_scale") for b in bodies} >= {1.0, 3.0}
+
+    async def two_rounds():
+        first = await run_load(server.url, bodies, CONCURRENCY, seconds=120)
+        samples: list[tuple[float, int]] = []
+        sampler = asyncio.create_task(sample_rss(server.process.pid, 0.5, samples))
+        second = await run_load(server.url, bodies, CONCURRENCY, seconds=120)
+        sampler.cancel()
+        return first, second, samples
+
+    before = rss_bytes(server.process.pid)
+    first, second, samples = asyncio.run(two_rounds())
+    for tally in (first, second):
+        print(tally.summary())
+        assert tally.sent == REQUESTS, "the load stopped at its time bound"
+        assert tally.problems() == []
+        assert tally.server_errors == 0
+        assert tally.statuses[200] > REQUESTS // 2
+    assert first.statuses[429] + second.statuses[429] > 0, "the small queue never filled"
+
+    # The server counted what the clients saw.
+    metrics = metric_samples(server.url)
+    ok = sum(
+        value(metrics, "denoised_requests_total", model=c["id"], sampler=s, status="ok")
+        for c in cards
+        for s in c["samplers"]
+    )
+    assert ok == first.statuses[200] + second.statuses[200]
+    for card in cards:
+        assert value(metrics, "denoised_active_requests", model=card["id"]) == 0
+        assert value(metrics, "denoised_queue_depth", model=card["id"]) == 0
+
+    # The first round paid the one-time costs; repeating the same load must not grow RSS.
+    after_first = samples[0][1]
+    end = rss_bytes(server.process.pid)
+    print(f"RSS: {before / MiB:.1f} → {after_first / MiB:.1f} → {end / MiB:.1f} MiB")
+    assert end - after_first < RSS_GROWTH_BOUND
