@@ -1,4 +1,5 @@
-"""Write each zoo model's card (README.md) from its recipe, training record and evaluation.
+"""Write each zoo model's card (README.md) from its recipe, training record and evaluation,
+with a grid of samples (samples.png: one column per class, eight rows) at its defaults.
 
 python -m denoised.models.zoo.card
 """
@@ -8,8 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from PIL import Image
+
+from denoised.models.checkpoint import load_model_dir
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
-from denoised.models.zoo.evaluate import load_results
+from denoised.models.zoo.evaluate import generate, load_results
 from denoised.models.zoo.train import load_recipes
 
 OBJECTIVES = {
@@ -90,7 +95,8 @@ def card(name: str, recipe: dict, record: dict, results: dict) -> str:
             f"{record['torch_threads']} CPU thread (shared machine); final loss "
             f"{record['final_loss']:.4f}. Loss curve: `loss.csv`, `loss.png`.",
             f"- **Defaults** (config.json): {d['sampler']}, {d['steps']} steps, guidance "
-            f"{d['guidance_scale']:g}.",
+            f"{d['guidance_scale']:g}. Samples at the defaults (seed 0, one column per class): "
+            f"`samples.png`.",
             "",
             "## Quality",
             "",
@@ -100,12 +106,28 @@ def card(name: str, recipe: dict, record: dict, results: dict) -> str:
     )
 
 
+def write_sample_grid(model_dir: Path, defaults: dict, rows: int = 8, scale: int = 4) -> None:
+    model = load_model_dir(model_dir)
+    n = rows * model.num_classes
+    x, _, _ = generate(model, defaults["sampler"], defaults["steps"], defaults["guidance_scale"], n)
+    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]  # [n, 8, 8]
+    side = pixels.shape[-1]
+    # Sample i has label i % 10: row i // 10, column i % 10.
+    grid = pixels.view(rows, model.num_classes, side, side).permute(0, 2, 1, 3)
+    grid = grid.reshape(rows * side, model.num_classes * side).numpy()
+    image = Image.fromarray(grid, mode="L")
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(
+        model_dir / "samples.png"
+    )
+
+
 def main(zoo_dir: Path = ZOO_DIR) -> None:
     recipes = load_recipes()
     results = load_results()
     for name in ZOO_MODELS:
         record = json.loads((zoo_dir / name / "training.json").read_text())
         (zoo_dir / name / "README.md").write_text(card(name, recipes[name], record, results))
+        write_sample_grid(zoo_dir / name, recipes[name]["defaults"])
         print(f"wrote {zoo_dir / name / 'README.md'}")
 
 
