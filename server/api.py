@@ -262,7 +262,6 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.server = server
     app.state.api_keys = settings.all_api_keys()
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # off by default: browsers on other origins get no access
         app.add_middleware(
             CORSMiddleware,
@@ -271,6 +270,8 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Seed", "X-Model", "Retry-After"],
         )
+    # Added last, so outermost: every response, CORS preflights too, carries a request id.
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     guarded = [Depends(require_api_key)]
 
