@@ -51,6 +51,8 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+KEEP_ALIVE_SECONDS = 75
+
 # Every line, ours and uvicorn's (access lines included), names the request it belongs to.
 LOG_CONFIG = {
     "version": 1,
@@ -82,6 +84,9 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=5,
+        # Longer than clients' idle-connection expiry (httpx: 5 s, load balancers: ~60 s), so
+        # a client never sends a request on a connection the server is closing at that moment.
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         log_config=LOG_CONFIG,
     )
     DrainingServer(config, app.state.server, settings.drain_seconds).run()
