@@ -5,7 +5,9 @@ rejection is a 429 with Retry-After, and the server's RSS does not keep growing.
 
 import asyncio
 import itertools
+import socket
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -22,8 +24,12 @@ CONCURRENCY = 64
 RSS_GROWTH_BOUND = 48 * MiB  # across a second round of the same load
 
 
-def test_mixed_load_loses_nothing_and_rejects_only_with_429(launch):
-    server = launch("--max-queue", "12", "--max-batch", "32")
+@pytest.fixture(scope="module")
+def server(launch):
+    return launch("--max-queue", "12", "--max-batch", "32")
+
+
+def test_mixed_load_loses_nothing_and_rejects_only_with_429(server):
     cards = httpx.get(server.url + "/v1/models").json()["data"]
     bodies = list(itertools.islice(mixed_bodies(cards, seed=1), REQUESTS))
     assert {b["sampler"] for b in bodies} == set(cards[0]["samplers"])  # every sampler
@@ -65,3 +71,21 @@ def test_mixed_load_loses_nothing_and_rejects_only_with_429(launch):
     end = rss_bytes(server.process.pid)
     print(f"RSS: {before / MiB:.1f} → {after_first / MiB:.1f} → {end / MiB:.1f} MiB")
     assert end - after_first < RSS_GROWTH_BOUND
+
+
+def test_an_idle_connection_outlives_the_clients_idle_expiry(server):
+    """A client that waits out a Retry-After on a keep-alive connection reuses it; had the
+    server closed it meanwhile, the next request could be lost in the race (httpx expires
+    idle connections after 5 s, so the server keeps them longer)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            reply = b""
+            while not reply.endswith(b'{"status":"ok"}'):  # the whole response, then idle
+                chunk = sock.recv(4096)
+                assert chunk, f"the server closed the connection after {reply!r}"
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200"), reply
+            time.sleep(6)
