@@ -23,6 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The elementwise steps around every branch of a block: fused Triton kernels on CUDA, the
+# PyTorch reference elsewhere (kernels/adaln.py).
+from denoised.kernels.adaln import (
+    gate_residual,
+    gate_residual_layer_norm_modulate,
+    layer_norm_modulate,
+)
 from denoised.kernels.attention import attention
 from denoised.models.architecture import Architecture
 from denoised.models.embeddings import sincos_2d, timestep_embedding
@@ -64,20 +71,6 @@ def dit_config(name: str, **overrides) -> DiTConfig:
     depth, hidden, heads = DIT_SIZES[size]
     base = DiTConfig(patch_size=int(patch), hidden_size=hidden, depth=depth, num_heads=heads)
     return replace(base, **overrides)
-
-
-# The two elementwise steps around every branch of a block; small and separate so that a fused
-# kernel can replace each of them.
-def layer_norm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """Affine-free LayerNorm of `x: [B, N, D]`, then the per-sample `(1 + scale) * . + shift`."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
-
-
-def gate_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """`x + gate * branch` with a per-sample gate `[B, D]`."""
-    return x + gate[:, None] * branch
 
 
 class PatchEmbed(nn.Module):
@@ -159,10 +152,10 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
         ).chunk(6, dim=1)
-        x = gate_residual(
-            x, gate_msa, self.attn(layer_norm_modulate(x, shift_msa, scale_msa, ADALN_NORM_EPS))
+        branch = self.attn(layer_norm_modulate(x, shift_msa, scale_msa, ADALN_NORM_EPS))
+        x, h = gate_residual_layer_norm_modulate(
+            x, gate_msa, branch, shift_mlp, scale_mlp, self.mlp_norm_eps
         )
-        h = layer_norm_modulate(x, shift_mlp, scale_mlp, self.mlp_norm_eps)
         return gate_residual(x, gate_mlp, self.mlp(h))
 
 
