@@ -101,7 +101,8 @@ class Tally:
         line = (
             f"{self.sent} requests in {self.seconds:.1f} s: {ok} ok, "
             f"{self.statuses.get(429, 0)} rejected (429), {self.server_errors} 5xx, "
-            f"{sum(self.transport_errors.values())} unanswered; {self.images} images "
+            f"{sum(self.transport_errors.values())} unanswered {dict(self.transport_errors)}; "
+            f"{self.images} images "
             f"({self.images / max(self.seconds, 1e-9):.1f}/s)"
         )
         if self.latencies:

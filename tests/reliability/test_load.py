@@ -19,7 +19,7 @@ from soak import MiB, mixed_bodies, rss_bytes, run_load, sample_rss
 
 pytestmark = pytest.mark.e2e
 
-REQUESTS = 300
+REQUESTS = 250
 CONCURRENCY = 64
 RSS_GROWTH_BOUND = 48 * MiB  # across a second round of the same load
 
@@ -80,7 +80,9 @@ def test_an_idle_connection_outlives_the_clients_idle_expiry(server):
     port = int(server.url.rsplit(":", 1)[1])
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        for _ in range(2):
+        for attempt in range(2):
+            if attempt:
+                time.sleep(6)
             sock.sendall(request)
             reply = b""
             while not reply.endswith(b'{"status":"ok"}'):  # the whole response, then idle
@@ -88,4 +90,3 @@ def test_an_idle_connection_outlives_the_clients_idle_expiry(server):
                 assert chunk, f"the server closed the connection after {reply!r}"
                 reply += chunk
             assert reply.startswith(b"HTTP/1.1 200"), reply
-            time.sleep(6)

@@ -80,7 +80,8 @@ def test_cors_only_for_the_named_origin(keyed, launch):
     assert "access-control-allow-origin" not in simple.headers
 
 
-def test_cors_is_off_by_default(server):
+def test_cors_is_off_by_default(partly_broken):
+    server = partly_broken
     preflight = {"origin": APP_ORIGIN, "access-control-request-method": "POST"}
     response = httpx.options(server.url + "/v1/generate", headers=preflight)
     assert response.status_code == 405
@@ -88,11 +89,6 @@ def test_cors_is_off_by_default(server):
     plain = httpx.get(server.url + "/v1/models", headers={"origin": APP_ORIGIN})
     assert plain.status_code == 200
     assert not [h for h in plain.headers if h.startswith("access-control-")]
-
-
-@pytest.fixture(scope="module")
-def server(launch):
-    return launch()
 
 
 def test_every_log_line_names_its_request(keyed):
@@ -131,27 +127,36 @@ class _Marker:
         return (open, (str(self.path), "w"))
 
 
-def test_bad_models_stay_unavailable_and_the_rest_serve(launch_env, model_dirs, tmp_path):
+@pytest.fixture(scope="module")
+def partly_broken(launch_env, model_dirs, tmp_path_factory):
+    """Default settings, model roots configured, and besides the two tiny models: corrupt
+    weights, a pickle (which would create the file `unpickled` if loaded), a directory
+    reached through `..` outside the roots, and weights linked to outside the roots."""
     tiny = model_dirs[0]
-    root, outside = tmp_path / "root", tmp_path / "outside"
+    base = tmp_path_factory.mktemp("model-roots")
+    root, outside = base / "root", base / "outside"
     corrupt = _copy_model(tiny, root / "corrupt")
     data = (corrupt / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
     pickled = root / "pickled"
     pickled.mkdir(parents=True)
     shutil.copy(Path(tiny) / "config.json", pickled / "config.json")
-    marker = tmp_path / "unpickled"
-    (pickled / "model.pt").write_bytes(pickle.dumps(_Marker(marker)))
+    (pickled / "model.pt").write_bytes(pickle.dumps(_Marker(base / "unpickled")))
     escaped = _copy_model(tiny, outside / "escaped")
     linked = _copy_model(tiny, root / "linked")
     (linked / "model.safetensors").unlink()
     (linked / "model.safetensors").symlink_to(escaped / "model.safetensors")
-    roots = f"{Path(tiny).parent},{root}"
     server = launch_env(
-        {"DENOISED_MODEL_ROOTS": roots},
+        {"DENOISED_MODEL_ROOTS": f"{Path(tiny).parent},{root}"},
         *("--model", str(corrupt), "--model", str(pickled)),
         *("--model", str(root / ".." / "outside" / "escaped"), "--model", str(linked)),
     )
+    server.marker = base / "unpickled"
+    return server
+
+
+def test_bad_models_stay_unavailable_and_the_rest_serve(partly_broken):
+    server = partly_broken
     ready = httpx.get(server.url + "/ready").json()
     assert ready["status"] == "ready" and ready["models"] == ["tiny-dit", "tiny-flow"]
     reasons = ready["detail"]["unavailable"]
@@ -160,7 +165,7 @@ def test_bad_models_stay_unavailable_and_the_rest_serve(launch_env, model_dirs, 
     assert "pickle checkpoint" in reasons["pickled"]
     assert "outside the model roots" in reasons["escaped"]
     assert "outside its model directory" in reasons["linked"]
-    assert not marker.exists(), "a pickle was unpickled"
+    assert not server.marker.exists(), "a pickle was unpickled"
 
     listed = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
     assert listed == ["tiny-dit", "tiny-flow"]
