@@ -20,6 +20,13 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def admitted(url: str, models: tuple[str, ...] = ("tiny-dit", "tiny-flow")) -> float:
+    """Requests admitted and not finished (running or waiting) on a live server."""
+    samples = metric_samples(url)
+    gauges = ("denoised_active_requests", "denoised_queue_depth")
+    return sum(value(samples, gauge, model=model) for gauge in gauges for model in models)
+
+
 def wait_for(condition, seconds: float = 30, what: str = "condition") -> None:
     deadline = time.monotonic() + seconds
     while not condition():

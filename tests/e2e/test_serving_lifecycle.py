@@ -6,7 +6,7 @@ import signal
 
 import httpx
 import pytest
-from serving_helpers import metric_samples, value, wait_for
+from serving_helpers import admitted, metric_samples, value, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -85,16 +85,9 @@ def test_sigterm_drains_admitted_requests_then_exits_0(launch):
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             tasks = [asyncio.create_task(client.post("/v1/generate", json=b)) for b in bodies]
-
-            def admitted():
-                samples = metric_samples(server.url)
-                return sum(
-                    value(samples, gauge, model=model)
-                    for gauge in ("denoised_active_requests", "denoised_queue_depth")
-                    for model in ("tiny-dit", "tiny-flow")
-                ) == len(bodies)
-
-            await asyncio.to_thread(wait_for, admitted, 30, "admission")
+            await asyncio.to_thread(
+                wait_for, lambda: admitted(server.url) == len(bodies), 30, "admission"
+            )
             server.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)  # the drain starts on the server's next tick (0.1 s)
             late = await client.post("/v1/generate", json={"steps": 2})

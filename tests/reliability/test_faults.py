@@ -14,7 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from serving_helpers import metric_samples, value, wait_for
+from serving_helpers import admitted, metric_samples, value, wait_for
 from tiny_models import write_tiny_models
 
 pytestmark = pytest.mark.e2e
@@ -144,16 +144,9 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(launch):
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             tasks = [asyncio.create_task(client.post("/v1/generate", json=b)) for b in bodies]
-
-            def admitted():
-                samples = metric_samples(server.url)
-                return sum(
-                    value(samples, gauge, model=model)
-                    for gauge in ("denoised_active_requests", "denoised_queue_depth")
-                    for model in ("tiny-dit", "tiny-flow")
-                ) == len(bodies)
-
-            await asyncio.to_thread(wait_for, admitted, 30, "admission")
+            await asyncio.to_thread(
+                wait_for, lambda: admitted(server.url) == len(bodies), 30, "admission"
+            )
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)  # the drain begins on the server's next tick (0.1 s)
