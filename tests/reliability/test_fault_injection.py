@@ -21,7 +21,7 @@ def test_off_unless_named():
 def test_parse_names_values_and_errors():
     faults = parse_faults(" oom_above_rows=4, nan_label=7,forward_delay=0.25 ")
     assert faults == Faults(oom_above_rows=4, nan_label=7, forward_delay=0.25)
-    with pytest.raises(ValueError, match="unknown fault 'explode'.*oom_above_rows"):
+    with pytest.raises(ValueError, match=r"unknown fault 'explode'.*oom_above_rows"):
         parse_faults("explode=1")
     with pytest.raises(ValueError, match="nan_label: cannot parse 'x'"):
         parse_faults("nan_label=x")
