@@ -95,7 +95,9 @@ def _guided_update_fwd(
     x = tl.load(X + row64 * stride_x + offs, mask=mask, other=0.0)
     cond = tl.load(COND + row64 * stride_cond + offs, mask=mask, other=0.0).to(tl.float32)
     u_row = tl.load(UNCOND_INDEX + row)
-    guide = mask & (offs < guided_elems) & (u_row >= 0)
+    # Guided elements end at guided_elems, or at 0 for an unguided row (a scalar bound keeps
+    # the mask a plain block comparison).
+    guide = offs < tl.where(u_row >= 0, guided_elems, 0)
     u_base = UNCOND + tl.maximum(u_row, 0) * stride_uncond
     u = tl.load(u_base + offs, mask=guide, other=0.0).to(tl.float32)
     w = tl.load(W + row)
