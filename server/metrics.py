@@ -126,6 +126,9 @@ class Metrics:
             metric.labels(model=model)
         for sampler in samplers:
             self.steps.labels(model=model, sampler=sampler)
+            # Rate rules see a status's first request only if its series already exists.
+            for status in STATUSES:
+                self.requests.labels(model=model, sampler=sampler, status=status)
 
     def watch_device_memory(self, device: str, read_bytes: Callable[[], float]) -> None:
         """`read_bytes` is called at scrape time."""

@@ -43,6 +43,18 @@ class Stack:
         assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
         return body["data"]["result"]
 
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Prometheus answers queries with plain-text 503s until its storage is open."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.prometheus}/-/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"prometheus not ready after {timeout} s")
+
     def wait_for(self, expr: str, timeout: float = 60) -> list[dict]:
         """Poll until the query returns a non-empty result."""
         deadline = time.monotonic() + timeout
@@ -94,11 +106,12 @@ def stack(tmp_path_factory):
         try:
             (model,) = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][:1]
             s = Stack(server, f"http://127.0.0.1:{port}", model, workdir)
+            s.wait_ready()
             s.wait_for('up{job="denoised"} == 1')
-            # Traffic after the first scrape, so rates over it are positive. A labelled series
-            # appears with its first request: once one is scraped, the others make it grow.
+            # Traffic after the first scrape (request series exist at zero from the start), so
+            # rates over it are positive.
             generate(server, model, SAMPLERS[0], seed=0)
-            s.wait_for('denoised_requests_total{status="ok"}')
+            s.wait_for('denoised_requests_total{status="ok"} > 0')
             for seed, sampler in enumerate(SAMPLERS, start=1):
                 generate(server, model, sampler, seed)
             # Settled: every rule group has evaluated over the scraped traffic.
