@@ -7,16 +7,10 @@ import torch
 
 from denoised.models.checkpoint import save_model_dir
 from denoised.models.dit import DiT, DiTConfig
+from denoised.models.presets import DDPM_LINEAR_PROCESS
 from denoised.models.vae import VAEConfig, VAEDecoder
 
-VP = {
-    "type": "vp",
-    "schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "num_train_timesteps": 1000,
-    "prediction": "epsilon",
-}
+VP = DDPM_LINEAR_PROCESS
 FLOW = {"type": "flow", "shift": 1.0, "convention": "rf", "num_train_timesteps": 1000,
         "prediction": "velocity"}  # fmt: skip
 DIGITS = [str(i) for i in range(10)]
