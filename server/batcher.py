@@ -11,13 +11,24 @@ first, once per iteration; the batcher returns the ones that run in the next for
   a batch, and a batch runs to completion before the next one forms — what servers that batch
   whole requests do.
 
-Both are fair between models: the model served least recently goes next.
+Both are fair between models: the model served least recently goes next, and each forward
+stays within its model's row limit (`BatchLimit`: `max_batch`, lowered after a forward runs
+out of memory and probed back up after a run of successes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+
+# Iterations without running out of memory before a lowered limit is probed upward (doubled).
+# Counted in iterations rather than seconds because a failed probe costs one failed forward:
+# after 64 successes that is under 2 % extra forwards, and the wait doubles after each failed
+# probe (up to 16 × 64 = 1024 iterations), so a lasting shortage costs ever less. After a
+# transient one, the limit is back at `max_batch` within about 64 × log2(max_batch / limit)
+# iterations: seconds on a GPU.
+PROBE_AFTER = 64
+MAX_PROBE_WAIT_FACTOR = 16
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,51 @@ class Candidate:
     @property
     def cost(self) -> int:
         return self.samples * (2 if self.guided else 1)
+
+
+class BatchLimit:
+    """The most backbone rows one model's forward may have (rows are what take the device's
+    memory; a guided sample is two). `max_batch` at first; after a forward of R rows runs out
+    of memory, the largest forward that ran in that iteration (below R); doubled towards
+    `max_batch` after `probe_after` iterations without running out of memory. A probe that
+    runs out of memory lowers the limit again and doubles the wait before the next probe."""
+
+    def __init__(self, ceiling: int, probe_after: int = PROBE_AFTER) -> None:
+        if ceiling < 1 or probe_after < 1:
+            raise ValueError(
+                f"ceiling and probe_after must be >= 1, got {ceiling} and {probe_after}"
+            )
+        self.ceiling = ceiling
+        self.rows = ceiling
+        self._probe_after = probe_after
+        self._wait = probe_after  # successful iterations before the next probe
+        self._streak = 0  # successful iterations since the limit last changed
+        self._probing = False  # the limit was raised and has not yet held for a whole wait
+
+    def record(self, ran: Sequence[int], out_of_memory: Sequence[int]) -> None:
+        """One iteration of the model: the rows of its forwards that ran and of those that
+        ran out of memory (the engine splits those and retries the halves)."""
+        if out_of_memory:
+            smallest = min(out_of_memory)
+            if smallest > self.rows:
+                return  # a lone request larger than the limit: its own failure, not the limit's
+            fitted = [rows for rows in ran if rows < smallest]
+            self.rows = max(1, min(self.rows, max(fitted, default=smallest - 1)))
+            if self._probing:  # the raised limit did not hold: probe less often
+                self._wait = min(2 * self._wait, MAX_PROBE_WAIT_FACTOR * self._probe_after)
+            self._probing = False
+            self._streak = 0
+            return
+        self._streak += 1
+        if self._streak < self._wait:
+            return
+        self._streak = 0
+        if self._probing:  # the raised limit held for a whole wait
+            self._wait = self._probe_after
+            self._probing = False
+        if self.rows < self.ceiling:
+            self.rows = min(self.ceiling, 2 * self.rows)
+            self._probing = True
 
 
 class _FairBatcher:
@@ -57,16 +113,20 @@ class _FairBatcher:
         self._tick += 1
         self._last_served[model] = self._tick
 
-    def _fill(self, pool: Sequence[Candidate]) -> list[Candidate]:
-        """Oldest first while the budget lasts; the oldest always runs, even if over budget."""
+    def _fill(self, pool: Sequence[Candidate], limits: Mapping[str, int] | None) -> list[Candidate]:
+        """Oldest first while the budget (`max_samples`, or the model's lower limit in
+        `limits`) lasts; the oldest always runs, even if over budget."""
+        budget = self.max_samples
+        if pool and limits and pool[0].model in limits:
+            budget = min(budget, limits[pool[0].model])
         chosen: list[Candidate] = []
         used = 0
         for cand in pool:
-            if chosen and used + cand.cost > self.max_samples:
+            if chosen and used + cand.cost > budget:
                 continue  # a smaller, younger request may still fit
             chosen.append(cand)
             used += cand.cost
-            if used >= self.max_samples:
+            if used >= budget:
                 break
         return chosen
 
@@ -74,15 +134,18 @@ class _FairBatcher:
 class StepBatcher(_FairBatcher):
     """Step-level batching: mixed samplers, step counts and progress in one forward."""
 
-    def select(self, candidates: Sequence[Candidate]) -> list[Candidate]:
-        """`candidates` oldest first; returns the requests for the next forward."""
+    def select(
+        self, candidates: Sequence[Candidate], limits: Mapping[str, int] | None = None
+    ) -> list[Candidate]:
+        """`candidates` oldest first; `limits`: rows per forward by model where lower than
+        `max_samples`. Returns the requests for the next forward."""
         if not candidates:
             return []
         model = self._next_model(candidates)
         same_model = [c for c in candidates if c.model == model]
         shape = same_model[0].shape
         self._served(model)
-        return self._fill([c for c in same_model if c.shape == shape])
+        return self._fill([c for c in same_model if c.shape == shape], limits)
 
 
 class RequestBatcher(_FairBatcher):
@@ -92,10 +155,14 @@ class RequestBatcher(_FairBatcher):
         super().__init__(max_samples)
         self._running: set[int] = set()
 
-    def select(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+    def select(
+        self, candidates: Sequence[Candidate], limits: Mapping[str, int] | None = None
+    ) -> list[Candidate]:
         running = [c for c in candidates if c.id in self._running]
         if running:
-            return running  # late arrivals wait for the whole batch to finish
+            # Late arrivals wait for the whole batch to finish; a batch over its model's
+            # (lowered) limit runs in parts, oldest first.
+            return self._fill(running, limits)
         if not candidates:
             self._running = set()
             return []
@@ -104,7 +171,7 @@ class RequestBatcher(_FairBatcher):
         head = same_model[0]
         self._served(model)
         chosen = self._fill(
-            [c for c in same_model if c.shape == head.shape and c.params == head.params]
+            [c for c in same_model if c.shape == head.shape and c.params == head.params], limits
         )
         self._running = {c.id for c in chosen}
         return chosen

@@ -3,6 +3,10 @@ the batcher picks the requests for the next forward, a `ModelRunner` advances th
 model evaluation, finished requests leave at once and are decoded and encoded on a small
 thread pool (off the engine thread). HTTP handlers on the event loop `submit` jobs and await
 their futures; cancellation, deadlines and draining are checked once per iteration.
+
+A forward that runs out of device memory is split and retried, and the model's forwards are
+then planned within a lower row limit (`batcher.BatchLimit`), probed back up after a run of
+successful iterations, so a lasting shortage does not cost a failed forward every iteration.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from denoised.server.batcher import Candidate, make_batcher
+from denoised.server.batcher import PROBE_AFTER, BatchLimit, Candidate, make_batcher
 from denoised.server.faults import parse_faults
 from denoised.server.imaging import encode_image, encode_stack_npy, preview_png, to_unit_range
 from denoised.server.jobs import (
@@ -50,6 +54,11 @@ def _candidate(job: Job) -> Candidate:
         guided=p.guided,
         params=p.batch_key,
     )
+
+
+def _rows(jobs: list[Job]) -> int:
+    """Backbone rows of a forward over `jobs` (guided samples count twice)."""
+    return sum(_candidate(job).cost for job in jobs)
 
 
 def _memory_reader(device: torch.device):
@@ -89,7 +98,10 @@ class Engine:
         metrics: Metrics,
         device: torch.device,
         dtype: torch.dtype,
+        probe_after: int = PROBE_AFTER,
     ) -> None:
+        """`probe_after`: successful iterations before a model's row limit, lowered after
+        running out of memory, is probed upward (see `batcher.PROBE_AFTER`)."""
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
@@ -101,6 +113,7 @@ class Engine:
             name: ModelRunner(m.loaded, dtype, faults) for name, m in registry.models.items()
         }
         self.batcher = make_batcher(settings.batching, settings.max_batch)
+        self.limits = {name: BatchLimit(settings.max_batch, probe_after) for name in self.runners}
         self._jobs: list[Job] = []  # admitted and unfinished, oldest first
         self._finishing = 0  # finished jobs still being decoded/encoded
         self._cv = threading.Condition()
@@ -111,6 +124,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="denoised-engine", daemon=True)
         for name in registry.models:
             metrics.register_model(name, tuple(registry.models[name].card().samplers))
+            metrics.batch_limit.labels(model=name).set(settings.max_batch)
         if device.type == "cuda" or os.path.exists("/proc/self/statm"):
             metrics.watch_device_memory(str(device), _memory_reader(device))
 
@@ -200,7 +214,9 @@ class Engine:
             live = [job for job in jobs if not self._reaped(job)]
             if live:
                 by_seq = {job.seq: job for job in live}
-                chosen = [by_seq[c.id] for c in self.batcher.select([_candidate(j) for j in live])]
+                limits = {name: limit.rows for name, limit in self.limits.items()}
+                candidates = [_candidate(job) for job in live]
+                chosen = [by_seq[c.id] for c in self.batcher.select(candidates, limits)]
                 self._iterate(chosen)
             with self._cv:
                 self._update_gauges()
@@ -229,11 +245,13 @@ class Engine:
             self.metrics.queue_wait.labels(model=model).observe(now - job.admitted_at)
 
         started = time.perf_counter()
-        predictions, failed = self._step_isolating(self.runners[model], jobs)
+        ran: list[int] = []
+        out_of_memory: list[int] = []
+        predictions, failed = self._step_isolating(self.runners[model], jobs, ran, out_of_memory)
         elapsed = time.perf_counter() - started
-        rows = sum(_candidate(job).cost for job in jobs)  # guided samples count twice
+        self._record_rows(model, ran, out_of_memory)
         self.metrics.forward_seconds.labels(model=model).observe(elapsed)
-        self.metrics.batch_samples.labels(model=model).observe(rows)
+        self.metrics.batch_samples.labels(model=model).observe(_rows(jobs))
         self.metrics.batch_requests.labels(model=model).observe(len(jobs))
 
         now = time.monotonic()
@@ -252,25 +270,46 @@ class Engine:
             if job.state.done:
                 self._complete(job)
 
-    def _step_isolating(self, runner: ModelRunner, jobs: list[Job]):
+    def _step_isolating(
+        self, runner: ModelRunner, jobs: list[Job], ran: list[int], out_of_memory: list[int]
+    ):
         """Run one step; if the batch raises, split it until the failing requests are alone,
-        so one bad request fails by itself and its batch-mates still advance."""
+        so one bad request fails by itself and its batch-mates still advance. The rows of
+        each forward that ran, or ran out of memory, are appended to `ran` / `out_of_memory`."""
         try:
             outcome = runner.step(jobs)
         except Exception as exc:
             if isinstance(exc, torch.OutOfMemoryError):
-                log.warning("out of memory in a forward of %d requests: splitting", len(jobs))
+                out_of_memory.append(_rows(jobs))
+                log.warning(
+                    "out of memory in a forward of %d requests (%d rows): splitting",
+                    len(jobs), out_of_memory[-1],
+                )  # fmt: skip
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # the failed forward's blocks, before the retry
             if len(jobs) == 1:
                 log.exception("step failed for request %s", jobs[0].params.request_id)
                 return {}, {jobs[0]: f"the model step failed: {type(exc).__name__}"}
             half = len(jobs) // 2
-            left = self._step_isolating(runner, jobs[:half])
-            right = self._step_isolating(runner, jobs[half:])
+            left = self._step_isolating(runner, jobs[:half], ran, out_of_memory)
+            right = self._step_isolating(runner, jobs[half:], ran, out_of_memory)
             return {**left[0], **right[0]}, {**left[1], **right[1]}
+        ran.append(_rows(jobs))
         predictions = dict(zip(jobs, outcome.predictions, strict=True))
         return predictions, {jobs[i]: why for i, why in outcome.failed.items()}
+
+    def _record_rows(self, model: str, ran: list[int], out_of_memory: list[int]) -> None:
+        """Count the out-of-memory forwards and move the model's row limit (logged)."""
+        limit = self.limits[model]
+        before = limit.rows
+        limit.record(ran, out_of_memory)
+        self.metrics.out_of_memory.labels(model=model).inc(len(out_of_memory))
+        self.metrics.batch_limit.labels(model=model).set(limit.rows)
+        if limit.rows < before:
+            log.warning("%s: forwards limited to %d rows after running out of memory",
+                        model, limit.rows)  # fmt: skip
+        elif limit.rows > before:
+            log.info("%s: probing forwards of up to %d rows", model, limit.rows)
 
     def _remove(self, job: Job, finishing: bool) -> None:
         with self._cv:

@@ -5,6 +5,8 @@ Faults act on the backbone forward of the engine's model runners:
 
 - `oom_above_rows=N`: a forward over more than N rows raises `torch.OutOfMemoryError`
   (as a device would), so the engine must split the batch and retry the halves.
+- `oom_times=K`: `oom_above_rows` fires only on the first K such forwards of each model (a
+  transient shortage); unset, on every one (a lasting limit).
 - `nan_label=L`: the backbone's output is NaN on the rows conditioned on class id L.
 - `raise_label=L`: a forward that contains a row conditioned on class id L raises.
 - `forward_delay=S`: every forward first sleeps S seconds (a slow model, so tests can
@@ -28,6 +30,7 @@ Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tens
 @dataclass(frozen=True)
 class Faults:
     oom_above_rows: int | None = None
+    oom_times: int | None = None
     nan_label: int | None = None
     raise_label: int | None = None
     forward_delay: float | None = None
@@ -40,11 +43,18 @@ class Faults:
         """`forward` with the faults applied (itself when none are set)."""
         if not self.active:
             return forward
+        oom_fired = 0
 
         def faulty(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+            nonlocal oom_fired
             if self.forward_delay is not None:
                 time.sleep(self.forward_delay)
-            if self.oom_above_rows is not None and x.shape[0] > self.oom_above_rows:
+            if (
+                self.oom_above_rows is not None
+                and x.shape[0] > self.oom_above_rows
+                and (self.oom_times is None or oom_fired < self.oom_times)
+            ):
+                oom_fired += 1
                 raise torch.OutOfMemoryError(
                     f"injected: {x.shape[0]} rows > oom_above_rows={self.oom_above_rows}"
                 )

@@ -108,6 +108,19 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.out_of_memory = Counter(
+            "denoised_oom",
+            "Backbone forwards that ran out of device memory (the batch is split and retried)",
+            ["model"],
+            registry=r,
+        )
+        self.batch_limit = Gauge(
+            "denoised_batch_limit",
+            "Most rows the engine now puts in one forward of the model: max_batch, lowered "
+            "after running out of memory and probed back up",
+            ["model"],
+            registry=r,
+        )
         self.device_memory = Gauge(
             "denoised_device_memory_bytes",
             "Memory in use on the device (CUDA: allocated by torch; CPU: process RSS)",
@@ -115,14 +128,17 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(
-            "denoised_ready", "1 when models are loaded and warmed and not draining", registry=r
+            "denoised_ready",
+            "1 when /ready answers 200: models loaded and warmed (with strict readiness, every "
+            "configured model) and not draining",
+            registry=r,
         )
 
     def register_model(self, model: str, samplers: tuple[str, ...]) -> None:
         """Create a model's series at zero, so dashboards see them before the first request."""
         for gauge in (self.queue_depth, self.active_requests):
             gauge.labels(model=model).set(0)
-        for metric in (self.images, self.deadline_misses):
+        for metric in (self.images, self.deadline_misses, self.out_of_memory):
             metric.labels(model=model)
         for sampler in samplers:
             self.steps.labels(model=model, sampler=sampler)

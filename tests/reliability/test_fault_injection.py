@@ -42,3 +42,19 @@ def test_each_fault_acts_only_where_named():
     with pytest.raises(RuntimeError, match="label 8"):
         faulty(x, t, torch.tensor([1, 2, 8, 3, 4]))
     torch.testing.assert_close(faulty(x, t, None), forward(x, t, None))  # no labels: no NaN
+
+
+def test_a_transient_out_of_memory_fires_only_the_given_number_of_times():
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(4, 2, 3, 3, generator=g), torch.rand(4, generator=g)
+    faults = parse_faults("oom_above_rows=3,oom_times=2")
+    assert faults.oom_times == 2
+    faulty = faults.wrap(forward)
+    faulty(x[:3], t[:3], None)  # within the rows: does not count
+    for _ in range(2):
+        with pytest.raises(torch.OutOfMemoryError):
+            faulty(x, t, None)
+    torch.testing.assert_close(faulty(x, t, None), forward(x, t, None), rtol=0, atol=0)
+    # Each wrapped forward (one per model) has its own count.
+    with pytest.raises(torch.OutOfMemoryError):
+        faults.wrap(forward)(x, t, None)

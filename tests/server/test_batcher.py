@@ -1,10 +1,18 @@
-"""The batcher's choices: budget, age order, shapes, fairness and the request-level mode."""
+"""The batcher's choices: budget, age order, shapes, fairness, the request-level mode, and the
+per-model row limit that out-of-memory errors lower and successes probe back up."""
 
 import random
 
 import pytest
 
-from denoised.server.batcher import Candidate, RequestBatcher, StepBatcher, make_batcher
+from denoised.server.batcher import (
+    MAX_PROBE_WAIT_FACTOR,
+    BatchLimit,
+    Candidate,
+    RequestBatcher,
+    StepBatcher,
+    make_batcher,
+)
 
 
 def cand(id, model="a", shape=(4, 8, 8), samples=1, guided=False, params=None):
@@ -91,3 +99,88 @@ def test_empty_and_bad_settings():
     with pytest.raises(ValueError, match="step"):
         make_batcher("static", 4)
     assert isinstance(make_batcher("request", 4), RequestBatcher)
+
+
+def test_a_models_limit_bounds_only_its_own_forwards():
+    batcher = StepBatcher(max_samples=16)
+    pool = [cand(i, "a" if i % 2 else "b", samples=1 + i % 3) for i in range(20)]
+    limits = {"a": 5}
+    for _ in range(6):
+        chosen = batcher.select(pool, limits)
+        rows = sum(c.cost for c in chosen)
+        if chosen[0].model == "a":
+            assert rows == 5  # oldest first, smaller ones filling the gap
+        else:
+            assert 5 < rows <= 16
+    # A lone request over the limit still runs, alone.
+    assert [c.id for c in batcher.select([cand(0, samples=4, guided=True), cand(1)], {"a": 5})] == [
+        0
+    ]
+
+
+def test_request_mode_runs_a_batch_over_the_limit_in_parts():
+    batcher = RequestBatcher(max_samples=64)
+    pool = [cand(i, params="p", samples=2) for i in range(5)]
+    assert [c.id for c in batcher.select(pool)] == [0, 1, 2, 3, 4]
+    # The limit drops below the running batch: its oldest part runs, the rest waits its turn.
+    assert [c.id for c in batcher.select(pool, {"a": 6})] == [0, 1, 2]
+    pool = pool[3:]  # the first part finished
+    assert [c.id for c in batcher.select([*pool, cand(9, params="p")], {"a": 6})] == [3, 4]
+
+
+def succeed(limit: BatchLimit, iterations: int) -> None:
+    for _ in range(iterations):
+        limit.record([limit.rows], [])
+
+
+def test_limit_after_out_of_memory_is_the_largest_forward_that_ran():
+    limit = BatchLimit(16)
+    assert limit.rows == 16
+    limit.record([6, 4], [12, 10])  # 12 rows ran out, its halves 10 (out) then 6 and 4 ran
+    assert limit.rows == 6
+    limit.record([], [40])  # a lone request over the limit fails by itself: limit unchanged
+    assert limit.rows == 6
+    limit.record([], [5])  # nothing ran: just below what ran out
+    assert limit.rows == 4
+    limit.record([], [1])
+    assert limit.rows == 1  # never below one row
+    with pytest.raises(ValueError, match="probe_after"):
+        BatchLimit(16, probe_after=0)
+
+
+def test_limit_is_probed_up_after_successes_and_a_failed_probe_waits_longer():
+    limit = BatchLimit(16, probe_after=3)
+    limit.record([6, 6], [12])
+    succeed(limit, 2)
+    assert limit.rows == 6
+    succeed(limit, 1)
+    assert limit.rows == 12  # probe: doubled after three successes
+    limit.record([6, 6], [12])  # the probe ran out of memory
+    assert limit.rows == 6
+    succeed(limit, 5)
+    assert limit.rows == 6  # the next probe waits twice as long
+    succeed(limit, 1)
+    assert limit.rows == 12
+    succeed(limit, 6)  # held for its whole wait: probed again, up to max_batch, no further
+    assert limit.rows == 16
+    succeed(limit, 3)  # ... which held too: the wait is back to three
+    limit.record([8, 8], [16])  # a later shortage
+    succeed(limit, 2)
+    assert limit.rows == 8
+    succeed(limit, 1)
+    assert limit.rows == 16
+
+
+def test_failed_probes_back_off_to_a_bounded_wait():
+    limit = BatchLimit(64, probe_after=2)
+    limit.record([4], [8])
+    waits = []
+    for _ in range(8):
+        start = limit.rows
+        count = 0
+        while limit.rows == start:
+            succeed(limit, 1)
+            count += 1
+        waits.append(count)
+        limit.record([4], [8])  # every probe runs out of memory
+    assert waits == [2, 4, 8, 16, 32] + [2 * MAX_PROBE_WAIT_FACTOR] * 3

@@ -1,9 +1,10 @@
 """The engine with real tiny models (no HTTP): batch invariance across mixed batches, faults
-that fail one request alone, deadlines, cancellation, admission limits and both batching
-modes."""
+that fail one request alone, deadlines, cancellation, admission limits, both batching modes,
+and the row limit that out-of-memory forwards lower and successes probe back up."""
 
 import asyncio
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -30,9 +31,9 @@ def registry(tmp_path_factory):
 def make_engine(registry):
     engines = []
 
-    def make(**overrides) -> Engine:
+    def make(probe_after: int = 64, **overrides) -> Engine:
         settings = Settings(warmup=False, **overrides)
-        engine = Engine(registry, settings, Metrics(), CPU, torch.float32)
+        engine = Engine(registry, settings, Metrics(), CPU, torch.float32, probe_after)
         engines.append(engine)
         return engine
 
@@ -74,13 +75,17 @@ MIXED = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def solo(registry):
-    """Every MIXED request run alone (max_batch 1: nothing shares a forward)."""
+def run_alone(registry, specs) -> list:
+    """Every request run by itself (max_batch 1: nothing shares a forward), no faults."""
     engine = Engine(registry, Settings(warmup=False, max_batch=1), Metrics(), CPU, torch.float32)
-    results = [asyncio.run(run_jobs(engine, [spec]))[0] for spec in MIXED]
+    results = [asyncio.run(run_jobs(engine, [spec]))[0] for spec in specs]
     engine.stop()
     return results
+
+
+@pytest.fixture(scope="module")
+def solo(registry):
+    return run_alone(registry, MIXED)
 
 
 def batch_requests(engine: Engine, model: str) -> tuple[float, float]:
@@ -215,3 +220,80 @@ def test_warm_up_runs_every_model(registry):
     engine = Engine(registry, Settings(), Metrics(), CPU, torch.float32)
     engine.warm_up()  # raises if any model fails
     assert engine.idle
+
+
+# Eight tiny-dit requests, half guided: 12 rows in all, so with oom_above_rows=6 a forward of
+# all of them runs out of memory and its halves (6 rows each) fit. Two tiny-flow requests
+# (2 rows) never do.
+CROWD = [
+    dict(model="tiny-dit", label=str(i), sampler=("ddim", "dpmpp-2m")[i % 2], steps=16,
+         guidance_scale=(2.0, 1.0)[i % 2], seed=10 + i)
+    for i in range(8)
+] + [dict(model="tiny-flow", label=str(i), sampler="euler", steps=16, seed=20 + i)
+     for i in range(2)]  # fmt: skip
+OOM_ROWS = 6
+
+
+@pytest.fixture(scope="module")
+def crowd_alone(registry):
+    return run_alone(registry, CROWD)
+
+
+def oom_metrics(engine: Engine, model: str) -> tuple[float, float, float]:
+    """(out-of-memory forwards, iterations, current row limit) of a model."""
+    get = engine.metrics.registry.get_sample_value
+    labels = {"model": model}
+    return (
+        get("denoised_oom_total", labels),
+        get("denoised_batch_requests_count", labels),
+        get("denoised_batch_limit", labels),
+    )
+
+
+def assert_all_match_alone(results, alone) -> None:
+    for spec, got, want in zip(CROWD, results, alone, strict=True):
+        assert isinstance(got, JobResult), (spec, got)
+        np.testing.assert_allclose(got.pixels, want.pixels, atol=1e-4, rtol=0)
+
+
+def test_after_an_out_of_memory_forward_later_ones_are_planned_under_the_limit(
+    make_engine, crowd_alone
+):
+    engine = make_engine(max_batch=16, fault_injection=f"oom_above_rows={OOM_ROWS}")
+    results = asyncio.run(run_jobs(engine, CROWD))
+    assert_all_match_alone(results, crowd_alone)
+    ooms, iterations, limit = oom_metrics(engine, "tiny-dit")
+    # Only the first forward of all 12 rows ran out of memory (without the limit: every one
+    # of the 16 iterations would); the rest ran in forwards of at most 6 rows, so twice as many.
+    assert ooms == 1
+    assert limit == OOM_ROWS
+    assert iterations >= 2 * 16 - 2
+    assert oom_metrics(engine, "tiny-flow") == (0, 16, 16)  # the limit is per model
+
+
+def test_a_lasting_shortage_costs_one_failed_forward_per_probe(make_engine, crowd_alone):
+    probe_after = 3
+    engine = make_engine(
+        max_batch=16, fault_injection=f"oom_above_rows={OOM_ROWS}", probe_after=probe_after
+    )
+    results = asyncio.run(run_jobs(engine, CROWD))
+    assert_all_match_alone(results, crowd_alone)
+    ooms, iterations, limit = oom_metrics(engine, "tiny-dit")
+    # Probes come after 3, 6, 12, ... successes (the wait doubles after each failed one), and
+    # each failed probe costs one out-of-memory forward: logarithmic in the iterations.
+    probes = math.floor(math.log2(iterations / probe_after + 1))
+    assert 2 <= ooms <= 1 + probes < iterations / 4, (ooms, probes, iterations)
+    assert limit <= 2 * OOM_ROWS
+
+
+def test_after_a_transient_shortage_the_limit_returns_to_max_batch(make_engine, crowd_alone):
+    engine = make_engine(
+        max_batch=16, fault_injection=f"oom_above_rows={OOM_ROWS},oom_times=1", probe_after=3
+    )
+    results = asyncio.run(run_jobs(engine, CROWD))
+    assert_all_match_alone(results, crowd_alone)
+    ooms, iterations, limit = oom_metrics(engine, "tiny-dit")
+    assert ooms == 1 and limit == 16
+    # 1 iteration of all 12 rows (ran out, split), 3 at 6 rows, then all 12 rows together
+    # again: far fewer iterations than running the two halves apart throughout (31).
+    assert iterations <= 16 + 4

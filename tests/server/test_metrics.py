@@ -18,6 +18,8 @@ CONTRACT = {
     "denoised_steps": ("counter", {"model", "sampler"}),
     "denoised_images": ("counter", {"model"}),
     "denoised_deadline_misses": ("counter", {"model"}),
+    "denoised_oom": ("counter", {"model"}),
+    "denoised_batch_limit": ("gauge", {"model"}),
     "denoised_device_memory_bytes": ("gauge", {"device"}),
     "denoised_ready": ("gauge", set()),
 }
@@ -36,6 +38,7 @@ def test_exposition_has_exactly_the_contracted_families_and_labels():
         metrics.forward_seconds,
     ):
         histogram.labels(model="m").observe(0.5)  # fmt: skip
+    metrics.batch_limit.labels(model="m").set(64)
     metrics.watch_device_memory("cpu", lambda: 123.0)
     metrics.ready.set(1)
     text = metrics.render()[0].decode()
@@ -50,3 +53,5 @@ def test_exposition_has_exactly_the_contracted_families_and_labels():
     assert memory == [123.0]
     steps = families["denoised_steps"].samples[0]
     assert (steps.name, steps.value) == ("denoised_steps_total", 0.0)  # exists before use
+    oom = families["denoised_oom"].samples[0]
+    assert (oom.name, oom.value) == ("denoised_oom_total", 0.0)
