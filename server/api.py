@@ -339,18 +339,28 @@ def create_app(settings: Settings) -> FastAPI:
         "/ready",
         response_model=Readiness,
         tags=["operations"],
-        responses={503: {"model": Readiness, "description": "Loading, draining or failed"}},
+        responses={
+            503: {"model": Readiness, "description": "Loading, draining, failed or degraded"}
+        },
         summary="Models loaded and warmed, and not draining",
     )
     async def ready(request: Request) -> Response:
+        """503 while loading, draining, when no model loaded (`failed`), and with strict
+        readiness when some configured model failed to load (`degraded`: the others serve).
+        `detail.unavailable` maps each model that failed to load to the reason."""
         server = _state(request)
         models = list(server.registry.models) if server.registry else []
         detail = {"error": server.error} if server.error else {}
-        if server.registry and server.registry.unavailable:  # served, but not all models
-            detail["unavailable"] = server.registry.unavailable
-        body = Readiness(
-            ready=server.status == "ready", status=server.status, models=models, detail=detail
-        )
+        status = server.status
+        if server.unavailable:  # served, but not all models
+            detail["unavailable"] = server.unavailable
+            if status == "ready" and not server.ready:
+                status = "degraded"
+                detail["error"] = (
+                    f"configured models failed to load: {', '.join(server.unavailable)} "
+                    "(strict readiness; the others serve)"
+                )
+        body = Readiness(ready=server.ready, status=status, models=models, detail=detail)
         return Response(
             body.model_dump_json(),
             status_code=200 if body.ready else 503,

@@ -64,6 +64,13 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     add("--max-n", type=int, help="most images per request (default 16)")
     add("--max-steps", type=int, help="most sampler steps per request (default 1000)")
     add(
+        "--strict-readiness",
+        action=argparse.BooleanOptionalAction,
+        help="/ready answers 503 while any configured model failed to load, the others "
+        "still serving (default on); --no-strict-readiness: ready once one model serves "
+        "[DENOISED_STRICT_READINESS]",
+    )
+    add(
         "--no-warmup",
         dest="warmup",
         action="store_const",

@@ -1,5 +1,7 @@
 """The server's life: loading (models load and warm up on a background thread while /health
-already answers), ready, draining (SIGTERM: no new work, in-flight work finishes), stopped."""
+already answers), ready, draining (SIGTERM: no new work, in-flight work finishes), stopped.
+With strict readiness (the default) a server some of whose configured models failed to load
+serves the others but does not report ready."""
 
 from __future__ import annotations
 
@@ -55,10 +57,27 @@ class ServerState:
         self.registry, self.engine = registry, engine
         if self.status == "loading":
             self.status = "ready"
-            self.metrics.ready.set(1)
-            log.info("ready: %s", ", ".join(registry.models))
+            self.metrics.ready.set(1 if self.ready else 0)
+            if self.ready:
+                log.info("ready: %s", ", ".join(registry.models))
+            else:
+                log.warning(
+                    "not ready (strict readiness): %s failed to load; serving %s",
+                    ", ".join(self.unavailable), ", ".join(registry.models),
+                )  # fmt: skip
         else:  # a drain began while loading
             engine.drain()
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Configured models that failed to load while others serve: directory name → why."""
+        return self.registry.unavailable if self.registry else {}
+
+    @property
+    def ready(self) -> bool:
+        """What /ready and `denoised_ready` report: serving and not draining, and with strict
+        readiness every configured model loaded. Generation needs only `status == "ready"`."""
+        return self.status == "ready" and not (self.settings.strict_readiness and self.unavailable)
 
     def ready_engine(self) -> tuple[Engine, ModelRegistry]:
         """The engine and models, or the 503 that explains why there are none."""

@@ -240,6 +240,6 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    status: Literal["loading", "ready", "draining", "failed"]
+    status: Literal["loading", "ready", "degraded", "draining", "failed"]
     models: list[str]
     detail: dict[str, Any] = Field(default_factory=dict)

@@ -35,6 +35,9 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     preview_size: int = 32  # longest side of the streamed x0 previews, pixels
     warmup: bool = True  # one small generation per model before /ready turns true
+    # /ready is 503 while any configured model failed to load (the others still serve);
+    # False: ready as soon as one model serves, the failed ones listed in /ready's detail.
+    strict_readiness: bool = True
     # Access control (optional).
     api_keys: tuple[str, ...] = ()
     api_keys_file: str | None = None

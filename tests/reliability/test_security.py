@@ -129,7 +129,7 @@ class _Marker:
 
 @pytest.fixture(scope="module")
 def partly_broken(launch_env, model_dirs, tmp_path_factory):
-    """Default settings, model roots configured, and besides the two tiny models: corrupt
+    """Model roots configured, readiness not strict, and besides the two tiny models: corrupt
     weights, a pickle (which would create the file `unpickled` if loaded), a directory
     reached through `..` outside the roots, and weights linked to outside the roots."""
     tiny = model_dirs[0]
@@ -148,6 +148,7 @@ def partly_broken(launch_env, model_dirs, tmp_path_factory):
     (linked / "model.safetensors").symlink_to(escaped / "model.safetensors")
     server = launch_env(
         {"DENOISED_MODEL_ROOTS": f"{Path(tiny).parent},{root}"},
+        "--no-strict-readiness",  # ready with the good models: the test uses them
         *("--model", str(corrupt), "--model", str(pickled)),
         *("--model", str(root / ".." / "outside" / "escaped"), "--model", str(linked)),
     )

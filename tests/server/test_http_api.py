@@ -1,8 +1,11 @@
 """The HTTP layer in-process (the app with its real engine, through Starlette's TestClient):
-error shapes and codes, validation messages, raw-bytes responses, auth, the OpenAPI schema."""
+error shapes and codes, validation messages, raw-bytes responses, auth, the OpenAPI schema,
+readiness with a model that failed to load."""
 
 import io
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,13 +23,20 @@ def model_dirs(tmp_path_factory):
     return tuple(str(d) for d in dirs.values())
 
 
-def ready_client(settings: Settings) -> TestClient:
+def loaded_client(settings: Settings) -> TestClient:
+    """A started app whose models have finished loading (or failed to)."""
     client = TestClient(create_app(settings))
     client.__enter__()
     deadline = time.monotonic() + 60
-    while client.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/ready").json()
+    while client.get("/ready").json()["status"] == "loading":
+        assert time.monotonic() < deadline, "the models did not load in 60 s"
         time.sleep(0.05)
+    return client
+
+
+def ready_client(settings: Settings) -> TestClient:
+    client = loaded_client(settings)
+    assert client.get("/ready").status_code == 200, client.get("/ready").json()
     return client
 
 
@@ -147,5 +157,52 @@ def test_api_keys_guard_everything_but_health_and_ready(model_dirs):
         ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert client.get("/metrics").status_code == 200  # metrics_auth is off
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def with_broken(model_dirs, tmp_path_factory) -> tuple[str, ...]:
+    """The two tiny models and `no-weights`, a model directory without its weights file."""
+    broken = tmp_path_factory.mktemp("broken") / "no-weights"
+    broken.mkdir()
+    shutil.copy(Path(model_dirs[0]) / "config.json", broken / "config.json")
+    return (*model_dirs, str(broken))
+
+
+def ready_gauge(client: TestClient) -> float:
+    lines = client.get("/metrics").text.splitlines()
+    return float(next(line for line in lines if line.startswith("denoised_ready ")).split()[1])
+
+
+def test_strict_readiness_is_503_naming_the_failed_model_while_the_others_serve(with_broken):
+    client = loaded_client(Settings(models=with_broken, warmup=False))  # strict by default
+    try:
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        body = ready.json()
+        assert (body["ready"], body["status"]) == (False, "degraded")
+        assert body["models"] == ["tiny-dit", "tiny-flow"]
+        assert list(body["detail"]["unavailable"]) == ["no-weights"]
+        assert "model.safetensors" in body["detail"]["unavailable"]["no-weights"]
+        assert "no-weights" in body["detail"]["error"]
+        assert ready_gauge(client) == 0
+        assert client.get("/health").status_code == 200  # alive, just not ready
+        served = client.post("/v1/generate", json={"model": "tiny-flow", "steps": 2})
+        assert served.status_code == 200 and len(served.json()["images"]) == 1
+        error = error_of(client.post("/v1/generate", json={"model": "no-weights"}), 503)
+        assert "failed to load" in error["message"] and error["param"] == "model"
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_without_strict_readiness_a_partly_loaded_server_is_ready(with_broken):
+    client = ready_client(Settings(models=with_broken, warmup=False, strict_readiness=False))
+    try:
+        body = client.get("/ready").json()
+        assert (body["ready"], body["status"]) == (True, "ready")
+        assert list(body["detail"]["unavailable"]) == ["no-weights"]
+        assert "error" not in body["detail"]
+        assert ready_gauge(client) == 1
     finally:
         client.__exit__(None, None, None)

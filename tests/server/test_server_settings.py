@@ -8,6 +8,7 @@ from denoised.server.settings import Settings, settings_from_env
 def test_defaults_serve_loopback_port_8000():
     s = settings_from_env({})
     assert (s.host, s.port, s.models, s.batching) == ("127.0.0.1", 8000, (), "step")
+    assert s.strict_readiness is True
 
 
 def test_environment_parsed_to_each_settings_type(tmp_path):
@@ -26,13 +27,14 @@ def test_environment_parsed_to_each_settings_type(tmp_path):
         "DENOISED_API_KEYS": "k0",
         "DENOISED_API_KEYS_FILE": str(keys),
         "DENOISED_METRICS_AUTH": "true",
+        "DENOISED_STRICT_READINESS": "off",
     }
     s = settings_from_env(env)
     assert s.host == "0.0.0.0" and s.port == 9001
     assert s.models == ("/m/a", "/m/b")
     assert (s.device, s.dtype, s.max_batch, s.max_queue) == ("cpu", "float32", 7, 3)
     assert s.batching == "request" and s.drain_seconds == 2.5
-    assert s.metrics_auth is True
+    assert s.metrics_auth is True and s.strict_readiness is False
     assert s.all_api_keys() == ("k0", "k1", "k2")
 
 
