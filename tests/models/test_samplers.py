@@ -143,6 +143,12 @@ def test_nfe_and_history_depth():
     # multistep warm-up and lower-order final steps on a short grid
     plan = build_plan("dpmpp-3m", proc, 6)
     assert [len(e.coefficients.b) for e in plan] == [1, 2, 3, 3, 2, 1]
+    # ... on long grids too (diffusers steps down only below 15 steps), and only when asked
+    for p in (proc, FlowProcess()):
+        widths = [len(e.coefficients.b) for e in build_plan("dpmpp-3m", p, 20)]
+        assert widths[-3:] == [3, 2, 1], widths
+        full = build_plan("dpmpp-3m", p, 20, {"lower_order_final": False})
+        assert [len(e.coefficients.b) for e in full][-3:] == [3, 3, 1]
 
 
 def test_denoise_to_zero_and_round_timesteps():

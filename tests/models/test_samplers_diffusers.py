@@ -11,6 +11,9 @@ documents the difference (see docs/samplers.md, "Agreement with diffusers"):
 * DPMSolverMultistep/UniPC round the timestep fed to the network on Karras/logSNR grids:
   emulated with ``round_timesteps``; their ``leading``/``linspace`` grids divide into N + 1
   points, so only ``trailing`` and the σ-spaced grids are compared.
+* DPMSolverMultistep steps down to lower orders at the end only on grids of fewer than 15
+  steps; ours does on every grid (docs/samplers.md), so longer cases run ours with
+  ``lower_order_final=False``, which then takes the same orders.
 * Euler/Heun start from x̃ = x·sqrt(σ̃₀² + 1), i.e. our x ~ N(0, I), not from their
   ``init_noise_sigma`` (σ̃₀ for trailing/linspace).
 * FlowMatchEuler with shift ≠ 1 shifts its σ_min twice; we hand it the unshifted σ's.
@@ -170,6 +173,8 @@ def check_case(case, prediction, steps, model_for):
     process = vp(schedule, prediction)
     model_fn = model_for(process)
     stochastic = options.get("eta", 0) > 0 or name.endswith("sde")
+    if cls is DPMSolverMultistepScheduler and steps >= 15:
+        options = {**options, "lower_order_final": False}
     x_init, ours, noises = our_run(name, process, steps, options, model_fn)
     scheduler = cls(
         **SCHEDULES[schedule], prediction_type=DIFFUSERS_PREDICTION[prediction], **kwargs
