@@ -1,4 +1,5 @@
-"""Shared test settings: deterministic, small thread counts (CI has 2 cores)."""
+"""Shared test settings: deterministic, small thread counts (CI has 2 cores), and the
+live-server fixtures of tests/serving.py for every folder."""
 
 import os
 
@@ -10,3 +11,6 @@ torch.set_num_threads(2)
 # when a kernel is defined, so this must happen before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Imported after the lines above, so the kernels see TRITON_INTERPRET.
+pytest_plugins = ["serving"]

@@ -1,4 +1,4 @@
-"""What the deployment tests share: paths, external tools, free ports, a real server process,
+"""What the deployment tests share: paths, external tools, a real server process,
 and the metric names the server exports (read from its own registry, not from a list here)."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from serving import free_port
 
 from denoised.server.metrics import Metrics
 
@@ -40,12 +40,6 @@ def require_tool(name: str) -> str:
 def load_yaml(path: Path) -> dict:
     with open(path, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def exported_series() -> set[str]:

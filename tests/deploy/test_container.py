@@ -23,9 +23,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from deploy_helpers import REPO, SETUP_HINT, free_port, generate, wait_until_ready
+from deploy_helpers import REPO, SETUP_HINT, generate, wait_until_ready
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from serving import free_port
 
 from denoised.server.registry import default_model_dirs
 

@@ -18,12 +18,12 @@ import yaml
 from deploy_helpers import (
     DEPLOY,
     exported_series,
-    free_port,
     generate,
     load_yaml,
     require_tool,
     running_server,
 )
+from serving import free_port
 
 pytestmark = pytest.mark.e2e
 PROM = DEPLOY / "prometheus"

@@ -1,4 +1,9 @@
-"""A real `denoised serve` process on a free loopback port, serving tiny model directories."""
+"""Real `denoised serve` processes on free loopback ports, serving tiny model directories.
+
+A pytest plugin (registered in tests/conftest.py), so every test folder gets the same
+fixtures: `model_dirs`, `launch(*flags, defaults=False)`, `launch_env(env, *flags)`,
+`server` and `closed_port`. Servers run until the end of the session, then get SIGINT.
+"""
 
 import os
 import signal
@@ -11,8 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from tiny_models import write_tiny_models
 
 READY_SECONDS = 90
@@ -28,7 +31,8 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listened on a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -47,7 +51,7 @@ def launch(model_dirs, tmp_path_factory):
     servers: list[Server] = []
 
     def start(*flags: str, defaults: bool = False) -> Server:
-        port = _free_port()
+        port = free_port()
         args = [sys.executable, "-m", "denoised.server.cli", "serve", "--port", str(port)]
         for directory in [] if defaults else model_dirs:
             args += ["--model", directory]
@@ -81,7 +85,26 @@ def launch(model_dirs, tmp_path_factory):
             server.process.kill()
 
 
+@pytest.fixture(scope="session")
+def launch_env(launch):
+    """`launch_env({"DENOISED_X": "v"}, *flags)`: `launch` with extra environment variables."""
+
+    def start(env: dict[str, str], *flags: str) -> Server:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, val in env.items():
+                patch.setenv(name, val)
+            return launch(*flags)
+
+    return start
+
+
 @pytest.fixture(scope="module")
 def server(launch) -> Server:
-    """One shared server with default settings."""
+    """A server with default settings, one per test module (tests/clients shares one)."""
     return launch()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    return free_port()
