@@ -1,5 +1,5 @@
 """The Python client against a real server on loopback: both endpoints, sync and async,
-streaming, typed errors, and retries on a real 429."""
+streaming, raw files (`response_format="bytes"`), typed errors, and retries on a real 429."""
 
 import asyncio
 import io
@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -91,6 +92,72 @@ def test_async_client_matches_the_sync_one(client, server):
     assert healthy and {m.id for m in models} == {"tiny-dit", "tiny-flow"}
 
 
+def test_bytes_are_the_json_image_with_its_seed_model_and_id(client, tmp_path):
+    fields = {"model": "tiny-dit", "sampler": "dpmpp-2m", "steps": 4, "guidance_scale": 2.0}
+    native = client.generate_bytes("3", seed=21, **fields)
+    openai = client.generate_bytes("3", endpoint="images", seed=21, **fields)
+    for file in (native, openai):
+        assert (file.content_type, file.format) == ("image/png", "png")
+        assert (file.model, file.seed) == ("tiny-dit", 21) and file.id.startswith("req_")
+    assert native.id != openai.id
+    image = pixels(native.data)
+    assert image.format == "PNG" and image.size == (8, 8)
+    assert native.data == openai.data == client.generate("3", seed=21, **fields).images[0].data
+    assert native.save(tmp_path / "three.png").read_bytes() == native.data
+
+    drawn = client.generate_bytes("5", model="tiny-flow", steps=3, output_format="webp")
+    assert drawn.content_type == "image/webp" and pixels(drawn.data).format == "WEBP"
+    again = client.generate("5", model="tiny-flow", steps=3, output_format="webp", seed=drawn.seed)
+    assert again.images[0].data == drawn.data  # the reported seed reproduces the image
+
+
+def test_bytes_of_several_npy_images_are_one_stacked_array(client):
+    fields = {"model": "tiny-flow", "n": 3, "steps": 3, "seed": 4, "output_format": "npy"}
+    file = client.generate_bytes(7, **fields)
+    assert (file.content_type, file.format) == ("application/x-npy", "npy")
+    stacked = np.load(io.BytesIO(file.data), allow_pickle=False)
+    assert stacked.shape == (3, 8, 8, 1) and stacked.dtype == np.float32
+    images = client.generate(7, **fields).images
+    each = [np.load(io.BytesIO(image.data), allow_pickle=False) for image in images]
+    np.testing.assert_array_equal(stacked, np.stack(each))
+
+
+def test_bytes_errors_are_the_typed_errors_of_json_requests(client):
+    with pytest.raises(NotFoundError) as as_json:
+        client.generate("3", model="sdxl")
+    with pytest.raises(NotFoundError) as as_bytes:
+        client.generate_bytes("3", model="sdxl")
+    fields = ("status", "type", "param", "message", "retry_after")
+    assert [getattr(as_bytes.value, f) for f in fields] == [
+        getattr(as_json.value, f) for f in fields
+    ]
+    assert as_bytes.value.param == "model" and as_bytes.value.request_id.startswith("req_")
+
+    with pytest.raises(InvalidRequestError) as several:  # one file: n=1 unless npy
+        client.generate_bytes("3", n=2)
+    assert several.value.param == "response_format" and "npy" in several.value.message
+    with pytest.raises(TypeError):
+        client.generate_bytes("3", on_progress=print)  # a file has no progress events
+
+
+def test_async_bytes_match_the_sync_ones(client, server):
+    fields = {"model": "tiny-dit", "sampler": "ddim", "steps": 3}
+    expected = [client.generate_bytes("6", seed=s, **fields).data for s in range(3)]
+
+    async def run():
+        async with AsyncClient(server.url, retry=NO_RETRY) as aclient:
+            files = await asyncio.gather(
+                *(aclient.generate_bytes("6", seed=s, **fields) for s in range(3))
+            )
+            with pytest.raises(NotFoundError) as missing:
+                await aclient.generate_bytes("6", model="sdxl")
+            return files, missing.value
+
+    files, missing = asyncio.run(run())
+    assert [f.data for f in files] == expected and [f.seed for f in files] == [0, 1, 2]
+    assert missing.status == 404 and missing.param == "model"
+
+
 def test_stream_yields_every_step_then_the_result(client):
     request = GenerationRequest(label="5", model="tiny-dit", sampler="heun", steps=4, seed=3)
     plain = client.create(request)
@@ -159,6 +226,24 @@ def test_unreachable_server_is_a_connection_error_after_retries(closed_port, cap
         assert not dead.health()  # not retried
     assert error.value.request_sent is False
     assert len([r for r in caplog.records if "retry" in r.message]) == 2
+
+
+def test_bytes_requests_are_retried_like_json_ones(closed_port, caplog):
+    retry = RetryPolicy(max_retries=2, backoff=0.01)
+    url = f"http://127.0.0.1:{closed_port}"
+
+    async def async_bytes():
+        async with AsyncClient(url, retry=retry) as dead:
+            await dead.generate_bytes("3")
+
+    with Client(url, retry=retry) as dead, caplog.at_level(logging.INFO):
+        with pytest.raises(APIConnectionError) as plain:
+            dead.generate_bytes("3")
+        with pytest.raises(APIConnectionError) as awaited:
+            asyncio.run(async_bytes())
+    assert plain.value.request_sent is False and awaited.value.request_sent is False
+    retries = [r for r in caplog.records if "retry" in r.message]
+    assert len(retries) == 4 and all("POST /v1/generate" in r.message for r in retries)
 
 
 def test_api_key(one_slot_server):

@@ -145,3 +145,9 @@ def test_request_bodies_per_endpoint():
         request.body("generate", preview=True)
     with pytest.raises(ValueError, match="endpoint must be one of generate, images"):
         request.body("edits")
+    assert request.body("images", response_format="bytes")["response_format"] == "bytes"
+    assert "response_format" not in request.body("images", response_format="b64_json")
+    with pytest.raises(ValueError, match="bytes cannot stream"):
+        request.body("generate", stream=True, response_format="bytes")
+    with pytest.raises(ValueError, match="response_format must be b64_json or bytes"):
+        request.body("generate", response_format="url")

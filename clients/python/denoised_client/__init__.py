@@ -1,5 +1,6 @@
 """Client for the denoised image server: sync and async clients for both generation endpoints,
-streamed progress, model listing, health, typed errors and retries. Speaks HTTP only (httpx)."""
+streamed progress, raw image files, model listing, health, typed errors and retries. Speaks
+HTTP only (httpx)."""
 
 from denoised_client._core import DEFAULT_URL, NO_RETRY, RetryPolicy
 from denoised_client.async_client import AsyncClient, AsyncGenerationStream
@@ -23,6 +24,7 @@ from denoised_client.errors import (
 from denoised_client.types import (
     GeneratedImage,
     Generation,
+    GenerationFile,
     GenerationRequest,
     Model,
     ModelDefaults,
@@ -48,6 +50,7 @@ __all__ = [
     "DenoisedError",
     "GeneratedImage",
     "Generation",
+    "GenerationFile",
     "GenerationRequest",
     "GenerationStream",
     "InternalServerError",

@@ -19,7 +19,14 @@ from denoised_client.errors import (
     StreamError,
     error_from_body,
 )
-from denoised_client.types import Generation, GenerationRequest, Progress, Readiness, from_dict
+from denoised_client.types import (
+    Generation,
+    GenerationFile,
+    GenerationRequest,
+    Progress,
+    Readiness,
+    from_dict,
+)
 
 log = logging.getLogger("denoised_client")
 
@@ -121,6 +128,20 @@ def generation_call(
     call's own options (`on_progress`, `preview`)."""
     options = {k: fields.pop(k) for k in ("on_progress", "preview") if k in fields}
     return GenerationRequest(label=label, **fields), options
+
+
+def file_of(response: httpx.Response, request: GenerationRequest) -> GenerationFile:
+    """The file of a `response_format="bytes"` answer; its headers carry what the JSON body
+    would have said of the request id, model and seed."""
+    headers = response.headers
+    return GenerationFile(
+        data=response.content,
+        content_type=headers["content-type"],
+        format=request.output_format,
+        id=headers["x-request-id"],
+        model=headers["x-model"],
+        seed=int(headers["x-seed"]),
+    )
 
 
 class ClientConfig:

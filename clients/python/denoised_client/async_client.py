@@ -24,6 +24,7 @@ from denoised_client._core import (
     ClientConfig,
     EventParser,
     RetryPolicy,
+    file_of,
     generation_call,
     readiness_of,
     status_error,
@@ -34,6 +35,7 @@ from denoised_client.types import (
     ENDPOINT_PATHS,
     Endpoint,
     Generation,
+    GenerationFile,
     GenerationRequest,
     Model,
     Progress,
@@ -186,6 +188,16 @@ class AsyncClient:
         """`POST /v1/images/generations` (the OpenAI Images shape)."""
         request, options = generation_call(prompt, fields)
         return await self.create(request, endpoint="images", **options)
+
+    async def generate_bytes(
+        self, label: str | int | None = None, *, endpoint: Endpoint = "generate", **fields: Any
+    ) -> GenerationFile:
+        """The file itself rather than JSON; the fields are those of `Client.generate_bytes`."""
+        request = GenerationRequest(label=label, **fields)
+        body = request.body(endpoint, response_format="bytes")
+        timeout = self.config.http_timeout(request)
+        response = await self._send("POST", ENDPOINT_PATHS[endpoint], body, timeout=timeout)
+        return file_of(response, request)
 
     def stream(
         self,

@@ -27,6 +27,7 @@ from denoised_client._core import (
     ClientConfig,
     EventParser,
     RetryPolicy,
+    file_of,
     generation_call,
     readiness_of,
     status_error,
@@ -37,6 +38,7 @@ from denoised_client.types import (
     ENDPOINT_PATHS,
     Endpoint,
     Generation,
+    GenerationFile,
     GenerationRequest,
     Model,
     Progress,
@@ -197,6 +199,17 @@ class Client:
         """`POST /v1/images/generations` (the OpenAI Images shape); `prompt` is a class name."""
         request, options = generation_call(prompt, fields)
         return self.create(request, endpoint="images", **options)
+
+    def generate_bytes(
+        self, label: str | int | None = None, *, endpoint: Endpoint = "generate", **fields: Any
+    ) -> GenerationFile:
+        """`response_format="bytes"`: the file itself is the answer, not JSON — one png/webp
+        image (n=1), or with output_format="npy" one [n, H, W, C] array. Fields: those of
+        `GenerationRequest`; `endpoint="images"` sends it to the OpenAI-shaped endpoint."""
+        request = GenerationRequest(label=label, **fields)
+        body = request.body(endpoint, response_format="bytes")
+        timeout = self.config.http_timeout(request)
+        return file_of(self._send("POST", ENDPOINT_PATHS[endpoint], body, timeout=timeout), request)
 
     def stream(
         self,

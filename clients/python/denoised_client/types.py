@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 Endpoint = Literal["generate", "images"]
+# `b64_json`: JSON with base64 images; `bytes`: the file itself is the body.
+ResponseFormat = Literal["b64_json", "bytes"]
 
 # Where each endpoint lives and what it calls the class name.
 ENDPOINT_PATHS: dict[str, str] = {"generate": "/v1/generate", "images": "/v1/images/generations"}
@@ -44,11 +46,19 @@ class GenerationRequest:
     output_format: Literal["png", "webp", "npy"] = "png"
     timeout: float | None = None
 
-    def body(self, endpoint: Endpoint, stream: bool = False, preview: bool = False) -> dict:
+    def body(
+        self,
+        endpoint: Endpoint,
+        stream: bool = False,
+        preview: bool = False,
+        response_format: ResponseFormat = "b64_json",
+    ) -> dict:
         """The JSON body for `endpoint` (fields left at None are omitted)."""
         if endpoint not in ENDPOINT_PATHS:
             allowed = ", ".join(ENDPOINT_PATHS)
             raise ValueError(f"endpoint must be one of {allowed}; got {endpoint!r}")
+        if response_format not in ("b64_json", "bytes"):
+            raise ValueError(f"response_format must be b64_json or bytes; got {response_format!r}")
         body = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         if "label" in body:
             body[LABEL_FIELDS[endpoint]] = body.pop("label")
@@ -58,22 +68,32 @@ class GenerationRequest:
                 body["preview"] = True
         elif preview:
             raise ValueError("preview needs a stream: use stream() or on_progress")
+        if response_format == "bytes":
+            if stream:
+                raise ValueError("a stream carries b64_json; response_format bytes cannot stream")
+            body["response_format"] = "bytes"
         return body
 
 
 @dataclass(frozen=True)
-class GeneratedImage:
-    """One image as the server encoded it (`format` png/webp, or npy: a float32 [H, W, C]
-    array file)."""
+class EncodedFile:
+    """A file as the server encoded it; `save` writes it unchanged."""
 
     data: bytes
-    index: int
-    format: str
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_bytes(self.data)
         return path
+
+
+@dataclass(frozen=True)
+class GeneratedImage(EncodedFile):
+    """One image as the server encoded it (`format` png/webp, or npy: a float32 [H, W, C]
+    array file)."""
+
+    index: int
+    format: str
 
 
 @dataclass(frozen=True)
@@ -122,6 +142,19 @@ class Generation:
             image.save(path.with_name(f"{path.stem}-{image.index}{path.suffix}"))
             for image in self.images
         ]
+
+
+@dataclass(frozen=True)
+class GenerationFile(EncodedFile):
+    """A generation answered with the file itself (`response_format="bytes"`): one png/webp
+    image, or with npy one float32 [n, H, W, C] array file. The answer's headers name the
+    request id, the model and the seed the server resolved."""
+
+    content_type: str  # image/png, image/webp or application/x-npy
+    format: str  # the requested output format
+    id: str
+    model: str
+    seed: int
 
 
 @dataclass(frozen=True)
