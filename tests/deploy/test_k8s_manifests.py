@@ -166,9 +166,11 @@ def test_servicemonitor_scrapes_the_service():
 
 
 def test_settings_named_in_deployment_files_exist():
-    """Every DENOISED_* variable the image, compose, manifests and docs name is a setting."""
+    """Every DENOISED_* variable the image, compose, manifests, alerts, dashboard and docs
+    name is a setting."""
     known = {"DENOISED_" + name.upper() for name in settings_from_env({}).__dataclass_fields__}
     files = [REPO / "Dockerfile", REPO / "docs/deployment.md", DEPLOY / "compose.yaml"]
+    files += [DEPLOY / "prometheus/alerts.yml", DEPLOY / "grafana/dashboards/denoised.json"]
     files += sorted(K8S.glob("*.yaml"))
     for path in files:
         named = set(re.findall(r"\bDENOISED_[A-Z_]+[A-Z]\b", path.read_text()))

@@ -65,16 +65,37 @@ def test_rules_read_only_series_that_exist():
         assert names <= known, f"{rule.get('record') or rule.get('alert')}: {names - known}"
 
 
-def test_alerts_cover_queue_wait_errors_deadlines_and_readiness():
+def test_alerts_cover_queue_wait_errors_deadlines_readiness_and_memory():
     alerts = {r["alert"]: r for r in rules(PROM / "alerts.yml")}
     read = {name: promql_identifiers(r["expr"]) for name, r in alerts.items()}
     assert read["DenoisedHighQueueWait"] == {"model:denoised_queue_wait_seconds:p95_5m"}
     assert read["DenoisedHighErrorRate"] == {"model:denoised_request_errors:ratio_rate5m"}
     assert read["DenoisedDeadlineMisses"] == {"model:denoised_deadline_misses:ratio_rate5m"}
     assert read["DenoisedNoReadyReplicas"] == {"denoised_ready"}
+    assert read["DenoisedReplicaNotReady"] == {"denoised_ready"}
+    assert read["DenoisedOutOfMemory"] == {"denoised_oom_total"}
     for alert in alerts.values():
         assert alert["labels"]["severity"] in ("warning", "critical")
         assert alert["annotations"]["summary"]
+
+
+def seconds(duration: str) -> int:
+    """A Prometheus duration such as `15m` or `1h30m`, in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+)([smh])", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_replica_readiness_alert_outlasts_a_normal_start_and_drain():
+    """denoised_ready is 0 while a pod starts (before loading even begins, deploy/k8s allows
+    the startup probe's budget) and while it drains (up to its grace period): neither may be
+    long enough to fire the per-replica alert."""
+    (alert,) = [r for r in rules(PROM / "alerts.yml") if r["alert"] == "DenoisedReplicaNotReady"]
+    pod = load_yaml(DEPLOY / "k8s/deployment.yaml")["spec"]["template"]["spec"]
+    startup = pod["containers"][0]["startupProbe"]
+    start_budget = startup["periodSeconds"] * startup["failureThreshold"]
+    assert seconds(alert["for"]) > start_budget + pod["terminationGracePeriodSeconds"]
 
 
 def test_error_ratio_counts_the_server_statuses_that_are_errors():
@@ -94,7 +115,8 @@ def test_dashboard_panels_read_known_series_and_cover_the_topics():
         names = promql_identifiers(expr)
         assert names and names <= known, f"{expr}: {names - known}"
         read |= names
-    # Throughput, latency percentiles, queue depth, batch occupancy, per-sampler step time.
+    # Throughput, latency percentiles, queue depth, batch occupancy and limit, out-of-memory
+    # forwards, per-sampler step time.
     assert {
         "model:denoised_images:rate1m",
         "model:denoised_request_duration_seconds:p50_5m",
@@ -104,11 +126,19 @@ def test_dashboard_panels_read_known_series_and_cover_the_topics():
         "model:denoised_batch_samples:mean5m",
         "model_sampler:denoised_steps:rate1m",
         "model:denoised_forward_seconds:mean5m",
+        "denoised_batch_limit",
+        "denoised_oom_total",
     } <= read
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+    cells = {}  # grid cell -> the panel covering it: no panel may overlap another
     for p in dash["panels"]:
-        assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+        pos = p["gridPos"]
+        assert pos["x"] + pos["w"] <= 24
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps {cells[x, y]}"
+                cells[x, y] = p["title"]
     variables = {v["name"] for v in dash["templating"]["list"]}
     for expr in dashboard_exprs():
         assert set(re.findall(r"\$(\w+)", expr)) <= variables
