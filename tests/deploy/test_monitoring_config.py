@@ -88,9 +88,9 @@ def seconds(duration: str) -> int:
 
 
 def test_replica_readiness_alert_outlasts_a_normal_start_and_drain():
-    """denoised_ready is 0 while a pod starts (before loading even begins, deploy/k8s allows
-    the startup probe's budget) and while it drains (up to its grace period): neither may be
-    long enough to fire the per-replica alert."""
+    """denoised_ready is 0 while a pod starts (deploy/k8s gives the process the startup
+    probe's budget to bind its port, before the models even load) and while it drains (within
+    its grace period): together they must not last long enough to fire the per-replica alert."""
     (alert,) = [r for r in rules(PROM / "alerts.yml") if r["alert"] == "DenoisedReplicaNotReady"]
     pod = load_yaml(DEPLOY / "k8s/deployment.yaml")["spec"]["template"]["spec"]
     startup = pod["containers"][0]["startupProbe"]
