@@ -12,7 +12,7 @@ coefficients to a whole mixed batch. Two-stage and predictor–corrector methods
 form because their extra stages are linear in the current x and the stored D's too.
 
 Samplers (``x = α·x0 + σ·ε``, λ = log(α/σ), h = λ_next − λ):
-  ddim          DDIM (Song et al., 2021a) with ``eta`` ≥ 0 (0: deterministic, 1: DDPM-like).
+  ddim          DDIM (Song et al., 2021a) with ``eta`` in [0, 1] (0: deterministic, 1: DDPM-like).
   dpmpp-2m      DPM-Solver++ multistep (Lu et al., 2022), order 2 (``order`` 1–3).
   dpmpp-3m      the same, order 3.
   dpmpp-2m-sde  SDE-DPM-Solver++(2M) (``order`` 1–2), noise from the request's generator.
@@ -100,8 +100,9 @@ def _validate(name: str, options: dict) -> None:
             f"got {options['order']!r}"
         )
     eta = options.get("eta", 0.0)
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta < math.inf:
-        raise ValueError(f"option 'eta' must be a number >= 0; got {eta!r}")
+    # η scales DDPM's posterior noise; above 1 the noise would exceed σ_next itself.
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"option 'eta' must be a number in [0, 1]; got {eta!r}")
 
 
 # --- plans -----------------------------------------------------------------------------------
@@ -358,15 +359,26 @@ def _unipc(grid: Grid, orders: list[int]) -> list[Update]:
 # --- per-request state -----------------------------------------------------------------------
 
 
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def _randn(shape: tuple[int, ...], generator: Generators) -> Tensor:
+    """N(0, I) draws from one generator, or from one generator per row (per image), so that
+    image k's noise does not depend on how many images share its request."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device)
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator])
+
+
 class SamplerState:
-    """One request's sampler: current x, position in the plan, D history, own generator."""
+    """One request's sampler: current x, position in the plan, D history, own generator(s)."""
 
     def __init__(
         self,
         name: str,
         plan: list[PlannedEval],
         x: Tensor,
-        generator: torch.Generator,
+        generator: Generators,
     ):
         self.name = name
         self.plan = plan
@@ -396,12 +408,12 @@ class SamplerState:
         return self._history[: len(self.coefficients().b) - 1]
 
     def noise(self) -> Tensor | None:
-        """This evaluation's z (drawn once from the request's generator), or None when c = 0."""
+        """This evaluation's z (drawn once from the request's generator(s)), or None when
+        c = 0."""
         if self.coefficients().c == 0.0:
             return None
         if self._noise is None:
-            z = torch.randn(self.x.shape, generator=self.generator, device=self.generator.device)
-            self._noise = z.to(self.x.device)
+            self._noise = _randn(tuple(self.x.shape), self.generator).to(self.x.device)
         return self._noise
 
     def advance(self, x_next: Tensor, d: Tensor) -> None:
@@ -420,11 +432,13 @@ def create_sampler(
     process: Process,
     steps: int,
     shape: tuple[int, ...],
-    generator: torch.Generator,
+    generator: Generators,
     options: dict | None = None,
     device: torch.device | str = "cpu",
 ) -> SamplerState:
-    """A fresh sampler state; draws the initial noise x ~ N(0, I) from ``generator``.
+    """A fresh sampler state; draws the initial noise x ~ N(0, I) from ``generator``: one
+    generator for the whole batch, or a sequence of one per image (``shape[0]`` of them), whose
+    image k then equals image 0 of a one-image state with generator k alone.
 
     Options (ValueError names the bad one): ``spacing`` (grids.VP_SPACINGS / FLOW_SPACINGS),
     ``final`` ("zero" | "min"), ``denoise_to_zero`` (bool, with final="min"),
@@ -434,9 +448,10 @@ def create_sampler(
     shape = tuple(shape)
     if len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
         raise ValueError(f"shape must be positive integers (n, C, ...); got {shape!r}")
+    if not isinstance(generator, torch.Generator) and len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {shape[0]} images; need one each")
     plan = build_plan(name, process, steps, options)
-    x = torch.randn(shape, generator=generator, device=generator.device)
-    return SamplerState(name, plan, x.to(device), generator)
+    return SamplerState(name, plan, _randn(shape, generator).to(device), generator)
 
 
 # --- batched stepping ------------------------------------------------------------------------

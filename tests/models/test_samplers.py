@@ -41,6 +41,7 @@ def gen(seed: int = 0) -> torch.Generator:
         ("ddim", {"order": 2}, "unknown option"),
         ("ddim", {"eta": -0.5}, "eta"),
         ("ddim", {"eta": "1"}, "eta"),
+        ("ddim", {"eta": 1.5}, "eta"),
         ("dpmpp-2m", {"order": 4}, "order"),
         ("dpmpp-3m", {"order": True}, "order"),
         ("unipc", {"order": 2.0}, "order"),
@@ -228,6 +229,31 @@ def test_stochastic_samplers_are_seeded(name, options):
     a, b, c = run(11), run(11), run(12)
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("dpmpp-2m-sde", {}), ("ddim", {"eta": 1.0}), ("dpmpp-2m", {})]
+)
+def test_per_image_generators_make_images_independent_of_n(name, options):
+    """With one generator per image, image k of a batch is image 0 of a batch of one with
+    generator k alone — initial noise and (stochastic samplers) every step's noise."""
+    proc = VPProcess()
+    model = mixture_model(GaussianMixture.random(4, 8, seed=0), proc)
+    shape = (3, 1, 2, 2)
+    generators = [gen(5 + k) for k in range(3)]
+    batch = sample(model, create_sampler(name, proc, 8, shape, generators, options))
+    for k in range(3):
+        alone = sample(model, create_sampler(name, proc, 8, (1, *shape[1:]), [gen(5 + k)], options))
+        torch.testing.assert_close(batch[k : k + 1], alone, rtol=0, atol=1e-6)
+    # one generator for the batch is one stream: a list of one is the same as the generator
+    single = sample(model, create_sampler(name, proc, 8, (1, *shape[1:]), gen(5), options))
+    torch.testing.assert_close(single, batch[:1], rtol=0, atol=1e-6)
+    # ... and a shared stream does make image 1 depend on the batch (what the list avoids)
+    if name != "dpmpp-2m":
+        shared = sample(model, create_sampler(name, proc, 8, (2, *shape[1:]), gen(5), options))
+        assert (shared[:1] - batch[:1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="one each"):
+        create_sampler(name, proc, 8, shape, [gen(0), gen(1)], options)
 
 
 def test_noise_is_drawn_once_per_step():
