@@ -23,6 +23,7 @@ _TYPES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "request_too_large",
+    415: "unsupported_media_type",
     422: "invalid_request_error",
     429: "rate_limited",
     500: "internal_error",
@@ -70,7 +71,45 @@ def error_response(error: APIError, request_id: str | None) -> JSONResponse:
     return JSONResponse(error_body(error, request_id), status_code=error.status, headers=headers)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+_JSON_TYPES = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _unreadable_body(request: Request) -> APIError | None:
+    """Why a body was not read as JSON, when the headers say: it is compressed, or not sent
+    as JSON. (Accepting JSON under any content type would let a web page on any origin post
+    to the server without a CORS preflight.)"""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        return APIError(
+            415,
+            f"content encodings are not supported (Content-Encoding: {encoding[:32]}); "
+            "send the JSON body uncompressed",
+        )
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type):
+        got = f"Content-Type: {content_type[:64]}" if content_type else "no Content-Type"
+        return APIError(
+            415,
+            f"the body must be JSON sent with Content-Type: application/json, got {got} "
+            "(curl: -H 'content-type: application/json')",
+        )
+    return None
+
+
+def _validation_error(exc: RequestValidationError, request: Request) -> APIError:
     """The first problem, named by its field path, with pydantic's wording (which lists the
     allowed values for enumerations)."""
     errors = exc.errors()
@@ -78,12 +117,20 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     kind = first.get("type", "")
-    if kind == "json_invalid":
-        return APIError(400, f"the body is not valid JSON: {first.get('msg')}", None)
+    if kind == "missing" and not loc:
+        return APIError(
+            422, "a JSON object body is required (Content-Type: application/json)", None
+        )
+    if kind == "json_invalid" or not loc:  # the body as a whole
+        if unreadable := _unreadable_body(request):
+            return unreadable
+        if kind == "json_invalid":
+            reason = first.get("ctx", {}).get("error", first.get("msg"))
+            return APIError(400, f"the body is not valid JSON: {reason} (at character {loc[0]})")
+        got = _JSON_TYPES.get(type(exc.body), "null")
+        return APIError(422, f"the request body must be a JSON object, got {got}", None)
     if kind == "extra_forbidden":
         return APIError(422, f"unknown field {param!r}", param)
-    if kind == "missing" and not loc:
-        return APIError(422, "a JSON object body is required", None)
     message = first.get("msg", "invalid value")
     union = [e for e in errors if tuple(e.get("loc", ()))[:-1] == tuple(first["loc"])[:-1]]
     if len(union) > 1 and len(loc) > 1:
@@ -94,6 +141,19 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return APIError(422, f"{param}: {message}" if param else message, param)
 
 
+def _parse_error(exc: StarletteHTTPException, request: Request) -> APIError:
+    """An HTTP error; FastAPI's generic 400 for a body it could not decode says why."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):  # FastAPI's body parsing gave up
+        return APIError(400, "the body nests too deeply to parse")
+    if exc.status_code == 400 and isinstance(cause, UnicodeError):
+        if unreadable := _unreadable_body(request):
+            return unreadable
+        where = f" (byte {cause.start})" if isinstance(cause, UnicodeDecodeError) else ""
+        return APIError(400, f"the body is not valid UTF-8 JSON{where}")
+    return APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -101,15 +161,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc), request_id_of(request))
+        return error_response(_validation_error(exc, request), request_id_of(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
-        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing gave up
-            message = "the body nests too deeply to parse"
-        error = APIError(exc.status_code, message, headers=dict(exc.headers or {}))
-        return error_response(error, request_id_of(request))
+        return error_response(_parse_error(exc, request), request_id_of(request))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -4,6 +4,7 @@ request into validated `GenerationParams` plus its sampler state."""
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -83,6 +84,19 @@ def _allowed(values: list[str], limit: int = 20) -> str:
     )
 
 
+def _option_param(message: str, options: dict) -> str:
+    """`sampler_options.<name>` for the option a sampler's error message names first (its
+    messages name the offending option); `sampler_options` or `sampler` when none."""
+    named = []
+    for name in options:
+        found = name and re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", message)
+        if found:
+            named.append((found.start(), name))
+    if named:
+        return f"sampler_options.{min(named)[1]}"
+    return "sampler_options" if options else "sampler"
+
+
 @dataclass
 class ServedModel:
     loaded: object  # models.checkpoint.LoadedModel
@@ -144,6 +158,24 @@ class ServedModel:
                 return index, name
         raise FieldError(param, f"unknown class {value!r}; allowed: {_allowed(classes)}")
 
+    def _guidance(self, given: float | None, label_id: int | None, label_param: str) -> float:
+        """The scale applied. Guidance pulls toward a class, so without a label there is
+        none: a scale other than 1 is refused rather than echoed but ignored."""
+        if label_id is not None:
+            return self.defaults.guidance_scale if given is None else given
+        if given is not None and given != 1.0:
+            missing = (
+                f"model {self.name!r} is unconditional"
+                if not self.classes
+                else f"this request has no {label_param}"
+            )
+            raise FieldError(
+                "guidance_scale",
+                f"guidance needs a label and {missing}; omit guidance_scale or use 1 "
+                f"(no guidance), got {given:g}",
+            )
+        return 1.0
+
     def prepare(
         self,
         fields: SamplingFields,
@@ -158,10 +190,12 @@ class ServedModel:
         defaults = self.defaults
         if fields.n > settings.max_n:
             raise FieldError("n", f"must be at most {settings.max_n}, got {fields.n}")
-        size = fields.size or defaults.size
+        size = defaults.size if fields.size in (None, "auto") else fields.size
         if size not in self.sizes:
             raise FieldError(
-                "size", f"{size!r} is not supported; allowed: {_allowed(list(self.sizes))}"
+                "size",
+                f"{size!r} is not one of this model's sizes; allowed: "
+                f"{_allowed(list(self.sizes))} or 'auto' (the native size)",
             )
         steps = fields.steps if fields.steps is not None else defaults.steps
         if steps > settings.max_steps:
@@ -170,13 +204,7 @@ class ServedModel:
         if timeout > settings.max_timeout:
             raise FieldError("timeout", f"must be at most {settings.max_timeout}, got {timeout}")
         label_id, label_name = self._label(label, label_param)
-        scale = fields.guidance_scale
-        if scale is None:
-            scale = defaults.guidance_scale if self.classes else 1.0
-        if scale != 1.0 and not self.classes:
-            raise FieldError(
-                "guidance_scale", f"model {self.name!r} is unconditional; only 1.0 applies"
-            )
+        scale = self._guidance(fields.guidance_scale, label_id, label_param)
         if fields.preview and not fields.stream:
             raise FieldError("preview", "previews are sent as stream events; set stream: true")
         if fields.stream and fields.response_format == "bytes":
@@ -193,19 +221,23 @@ class ServedModel:
         options = dict(fields.sampler_options or {})
         seed = fields.seed if fields.seed is not None else secrets.randbits(63)
         latent_shape = self.sizes[size]
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        # Image k has its own generator, seeded seed + k: it equals image 0 of the same request
+        # with that seed and n = 1, whatever the sampler (per-step noise included).
+        generators = [
+            torch.Generator(device="cpu").manual_seed((seed + k) % 2**63) for k in range(fields.n)
+        ]
         try:
             state = create_sampler(
                 sampler,
                 self.loaded.process,
                 steps,
                 (fields.n, *latent_shape),
-                generator,
+                generators,
                 options=options,
                 device=device,
             )
         except ValueError as exc:
-            raise FieldError("sampler_options" if options else "sampler", str(exc)) from None
+            raise FieldError(_option_param(str(exc), options), str(exc)) from None
         height, width = (int(v) for v in size.split("x"))
         work = fields.n * state.nfe * height * width
         if work > settings.max_work:

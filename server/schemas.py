@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from denoised.models.samplers import SAMPLER_NAMES
 
@@ -23,13 +24,41 @@ OutputFormat = Literal["png", "webp", "npy"]
 ResponseFormat = Literal["b64_json", "bytes"]
 SamplerOptionValue = bool | int | float | str
 
-_SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
+# OpenAI Images API values this server cannot honour, and why (a plain "Input should be
+# 'png', 'webp' or 'npy'" would not tell an OpenAI client that the value is understood).
+_UNSUPPORTED_VALUES = {
+    "output_format": {"jpeg": "images are encoded losslessly; use 'png', 'webp' or 'npy'"},
+    "response_format": {"url": "this server keeps no images to link to; use 'b64_json' or 'bytes'"},
+}
+
+# OpenAI Images API fields without a counterpart here: the values accepted (each one means
+# what the server does anyway) and why others are refused.
+_OPENAI_DEFAULTS_ONLY: dict[str, tuple[tuple, str]] = {
+    "quality": (("auto", "standard"), "the model has one quality level"),
+    "style": ((), "the models have no styles"),
+    "background": (("auto", "opaque"), "images have no alpha channel"),
+    "moderation": (("auto",), "this server does not moderate prompts"),
+    "output_compression": ((100,), "images are encoded losslessly"),
+    "partial_images": ((0,), "for intermediate images use stream with preview"),
+}
+
+
+def _unsupported(value: Any, reason: str) -> PydanticCustomError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    # The text goes in the context: a value's braces must not be read as placeholders.
+    return PydanticCustomError(
+        "unsupported", "{text}", {"text": f"{shown} is not supported: {reason}"}
+    )
 
 
 class SamplingFields(BaseModel):
-    """Fields common to both generation endpoints."""
+    """Fields common to both generation endpoints. Strict: JSON types are not coerced (a
+    `"20"` for steps or `true` for n is a 422, not 20 or 1); integers are accepted as floats."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, protected_namespaces=()
+    )
 
     model: str | None = Field(
         None, description="Model id (see GET /v1/models); default: the first served model."
@@ -37,9 +66,10 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, description="Number of images (at most the server's max_n).")
     size: str | None = Field(
         None,
-        pattern=_SIZE_PATTERN,
-        description="`WIDTHxHEIGHT` in pixels; one of the model's sizes. Default: its native size.",
-        examples=["32x32"],
+        max_length=32,
+        description="`WIDTHxHEIGHT` in pixels, one of the model's sizes, or `auto` (what "
+        "OpenAI clients send): the model's native size, also the default.",
+        examples=["8x8"],
     )
     sampler: SamplerName | None = Field(None, description="Default: the model's default sampler.")
     steps: int | None = Field(
@@ -55,15 +85,16 @@ class SamplingFields(BaseModel):
         None,
         ge=0,
         le=2**63 - 1,
-        description="Random seed; the same request and seed give the same images. "
-        "Default: drawn by the server and echoed back.",
+        description="Random seed; the same request and seed give the same images. Image k "
+        "of a request is seeded with seed + k (modulo 2^63): it equals the one image of the "
+        "same request with that seed and n = 1. Default: drawn by the server and echoed back.",
     )
     sampler_options: dict[str, SamplerOptionValue] | None = Field(
         None,
         max_length=16,
         description="Sampler-specific options, e.g. `eta` for ddim; unknown names are a 422 "
         "listing the allowed ones.",
-        examples=[{"eta": 0.5}],
+        examples=[{"spacing": "trailing"}],
     )
     output_format: OutputFormat = Field(
         "png",
@@ -87,6 +118,14 @@ class SamplingFields(BaseModel):
         "of the final image to each `progress` event.",
     )
 
+    @field_validator("output_format", "response_format", mode="before")
+    @classmethod
+    def _known_but_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        reason = _UNSUPPORTED_VALUES[info.field_name].get(value) if isinstance(value, str) else None
+        if reason:
+            raise _unsupported(value, reason)
+        return value
+
 
 class ImagesRequest(SamplingFields):
     """`POST /v1/images/generations` — the OpenAI Images API shape plus extensions."""
@@ -94,7 +133,7 @@ class ImagesRequest(SamplingFields):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"model": "digits-dit", "prompt": "3", "n": 2, "size": "32x32"},
+                {"model": "digits-dit", "prompt": "3", "n": 2, "size": "8x8"},
                 {
                     "prompt": "7",
                     "sampler": "dpmpp-2m",
@@ -114,6 +153,33 @@ class ImagesRequest(SamplingFields):
         "Omitted: unconditional generation.",
     )
     user: str | None = Field(None, max_length=256, description="Accepted and ignored (OpenAI).")
+    quality: Literal["auto", "standard"] | None = Field(
+        None, description="OpenAI: only its defaults are accepted (one quality level)."
+    )
+    style: None = Field(None, description="OpenAI: not supported (no styles); omit it.")
+    background: Literal["auto", "opaque"] | None = Field(
+        None, description="OpenAI: images are always opaque."
+    )
+    moderation: Literal["auto"] | None = Field(
+        None, description="OpenAI: only `auto` (this server does not moderate prompts)."
+    )
+    output_compression: Literal[100] | None = Field(
+        None, description="OpenAI: only 100 (images are encoded losslessly)."
+    )
+    partial_images: Literal[0] | None = Field(
+        None, description="OpenAI: only 0; for intermediate images use `stream` with `preview`."
+    )
+
+    @field_validator(*_OPENAI_DEFAULTS_ONLY, mode="before")
+    @classmethod
+    def _openai_defaults_only(cls, value: Any, info: ValidationInfo) -> Any:
+        accepted, reason = _OPENAI_DEFAULTS_ONLY[info.field_name]
+        if value is None or (value in accepted and type(value) is type(accepted[0])):
+            return value
+        alternatives = " or ".join(repr(v) for v in accepted)
+        raise _unsupported(
+            value, f"{reason}; omit it" + (f" or use {alternatives}" if accepted else "")
+        )
 
 
 class GenerateRequest(SamplingFields):

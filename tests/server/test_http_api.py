@@ -2,6 +2,7 @@
 error shapes and codes, validation messages, raw-bytes responses, auth, the OpenAPI schema,
 readiness with a model that failed to load."""
 
+import base64
 import io
 import shutil
 import time
@@ -72,8 +73,31 @@ def test_unknown_model_is_404_listing_the_served_ones(client):
         ({"n": 0}, "n", ["greater than or equal to 1"]),
         ({"steps": 51}, "steps", ["at most 50"]),
         ({"size": "64x64"}, "size", ["'8x8'"]),
+        ({"size": "8X8"}, "size", ["'8x8'", "'auto'"]),
+        ({"size": "8"}, "size", ["'8x8'", "'auto'"]),
         ({"guidance_scale": -1}, "guidance_scale", ["greater than or equal to 0"]),
-        ({"sampler": "ddim", "sampler_options": {"etta": 1}}, "sampler_options", ["eta"]),
+        ({"guidance_scale": 7}, "guidance_scale", ["guidance needs a label", "no prompt"]),
+        ({"sampler": "ddim", "sampler_options": {"etta": 1}}, "sampler_options.etta", ["eta"]),
+        ({"sampler": "ddim", "sampler_options": {"eta": -1}}, "sampler_options.eta", ["[0, 1]"]),
+        ({"sampler_options": {"spacing": "even"}}, "sampler_options.spacing", ["'trailing'"]),
+        (
+            {"sampler_options": {"lower_order_final": 1}},
+            "sampler_options.lower_order_final",
+            ["true or false"],
+        ),
+        (
+            {"sampler_options": {"spacing": "leading", "final": "min"}},
+            "sampler_options.final",
+            ["'leading'"],
+        ),
+        ({"prompt": "3", "quality": "hd"}, "quality", ["'hd' is not supported", "'auto'"]),
+        ({"style": "vivid"}, "style", ["'vivid' is not supported", "no styles"]),
+        ({"background": "transparent"}, "background", ["not supported", "alpha"]),
+        ({"moderation": "low"}, "moderation", ["not supported", "'auto'"]),
+        ({"output_compression": 80}, "output_compression", ["not supported", "lossless"]),
+        ({"partial_images": 2}, "partial_images", ["not supported", "preview"]),
+        ({"response_format": "url"}, "response_format", ["'url' is not supported", "'bytes'"]),
+        ({"output_format": "jpeg"}, "output_format", ["'jpeg' is not supported", "'webp'"]),
         ({"colour": "red"}, "colour", ["unknown field"]),
         ({"preview": True}, "preview", ["stream"]),
         ({"n": 2, "response_format": "bytes"}, "response_format", ["npy"]),
@@ -84,6 +108,82 @@ def test_invalid_fields_are_422_naming_field_and_allowed_values(client, body, pa
     assert error["param"] == param
     for word in words:
         assert word in error["message"]
+
+
+WRONG_TYPES = [
+    ("label", False), ("label", True), ("label", 3.0), ("n", "2"), ("n", True), ("n", 2.0),
+    ("steps", "20"), ("steps", " 10 "), ("steps", "1_0"), ("seed", "7"), ("seed", 7.0),
+    ("guidance_scale", "3"), ("timeout", "5"), ("stream", "yes"), ("stream", 1),
+    ("preview", "no"), ("model", 5), ("size", 8), ("sampler_options", "eta=1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), WRONG_TYPES)
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/images/generations"])
+def test_json_values_of_the_wrong_type_are_422_not_coerced(client, path, field, value):
+    if field == "label" and path == "/v1/images/generations":
+        field = "prompt"
+    error = error_of(client.post(path, json={"steps": 2, field: value}), 422)
+    assert error["param"] == field and error["message"].startswith(f"{field}: ")
+
+
+def test_integers_are_numbers_and_labels_are_names_or_ids(client):
+    body = {"steps": 2, "guidance_scale": 3, "timeout": 30, "seed": 1, "output_format": "npy"}
+    by_id = client.post("/v1/generate", json={**body, "label": 3})
+    by_name = client.post("/v1/images/generations", json={**body, "prompt": " 3 "})
+    for response in (by_id, by_name):
+        assert response.status_code == 200, response.text
+        assert (response.json()["label"], response.json()["guidance_scale"]) == ("3", 3.0)
+    assert by_id.json()["images"][0] == by_name.json()["data"][0]
+
+
+def images_of(client, path: str, body: dict) -> list[np.ndarray]:
+    response = client.post(path, json={**body, "output_format": "npy"})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    items = data["data"] if "data" in data else data["images"]
+    return [np.load(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in items]
+
+
+def test_unconditional_requests_apply_and_echo_no_guidance(client):
+    for path, param in (("/v1/generate", "label"), ("/v1/images/generations", "prompt")):
+        plain = client.post(path, json={"seed": 5, "steps": 3})
+        assert (plain.json()["label"], plain.json()["guidance_scale"]) == (None, 1.0)
+        unguided = images_of(client, path, {"seed": 5, "steps": 3, "guidance_scale": 1})
+        np.testing.assert_array_equal(images_of(client, path, {"seed": 5, "steps": 3}), unguided)
+        error = error_of(client.post(path, json={"seed": 5, "guidance_scale": 7}), 422)
+        assert error["param"] == "guidance_scale"
+        assert "guidance needs a label" in error["message"] and param in error["message"]
+
+
+def test_size_auto_is_the_native_size(client):
+    response = client.post("/v1/images/generations", json={"size": "auto", "steps": 2})
+    assert response.status_code == 200 and response.json()["size"] == "8x8"
+
+
+def test_openai_fields_at_their_defaults_are_accepted(client):
+    defaults = {"quality": "standard", "background": "opaque", "moderation": "auto",
+                "output_compression": 100, "partial_images": 0, "style": None}  # fmt: skip
+    body = {"prompt": "3", "steps": 2, "seed": 4, "output_format": "npy"}
+    plain = client.post("/v1/images/generations", json=body).json()["data"]
+    given = client.post("/v1/images/generations", json={**body, **defaults})
+    assert given.status_code == 200, given.text
+    assert given.json()["data"] == plain
+    quality = client.post("/v1/images/generations", json={**body, "quality": "auto"})
+    assert quality.status_code == 200
+    error = error_of(client.post("/v1/generate", json={"quality": "auto"}), 422)
+    assert error["message"] == "unknown field 'quality'"  # OpenAI fields: that endpoint only
+
+
+@pytest.mark.parametrize(("sampler", "n"), [("ddim", 3), ("dpmpp-2m-sde", 3), ("euler", 2)])
+def test_image_k_of_a_request_is_image_0_of_the_request_with_seed_plus_k(client, sampler, n):
+    body = {"label": "4", "sampler": sampler, "steps": 5, "guidance_scale": 2.0}
+    seed = 2**63 - 2  # image 1 of this request has the largest seed, image 2 wraps to 0
+    together = images_of(client, "/v1/generate", {**body, "n": n, "seed": seed})
+    for k in range(n):
+        alone = images_of(client, "/v1/generate", {**body, "seed": (seed + k) % 2**63})
+        np.testing.assert_allclose(together[k], alone[0], atol=1e-4, rtol=0)
+    assert np.abs(together[0] - together[1]).max() > 0.05  # each image has its own noise
 
 
 def test_non_finite_numbers_and_malformed_json_are_rejected(client):
@@ -140,6 +240,7 @@ def test_openapi_documents_both_endpoints_with_examples_and_errors(client):
         assert "text/event-stream" in post["responses"]["200"]["content"]
     components = schema["components"]["schemas"]
     assert components["ImagesRequest"]["examples"][0]["prompt"] == "3"
+    assert components["ImagesRequest"]["properties"]["quality"]  # OpenAI fields are documented
     assert "sampler_options" in components["GenerateRequest"]["properties"]
     for path in ("/v1/models", "/health", "/ready", "/metrics"):
         assert path in schema["paths"]
