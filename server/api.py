@@ -11,7 +11,7 @@ import contextlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,9 +21,15 @@ from starlette.concurrency import run_in_threadpool
 from denoised.server.engine import Engine
 from denoised.server.errors import APIError, error_body, install_error_handlers
 from denoised.server.imaging import MEDIA_TYPES
-from denoised.server.jobs import Job, JobError, JobResult, QueueFull
+from denoised.server.jobs import Job, JobError, JobResult, Progress, QueueFull
 from denoised.server.lifecycle import ServerState
 from denoised.server.middleware import RequestContextMiddleware
+from denoised.server.openai_stream import (
+    COMPLETED,
+    PARTIAL_IMAGE,
+    CompletedEvent,
+    PartialImageEvent,
+)
 from denoised.server.registry import FieldError, ModelUnavailable, UnknownModel
 from denoised.server.schemas import (
     ErrorResponse,
@@ -51,8 +57,10 @@ shares one backbone forward per engine iteration (step-level batching).
 
 * `POST /v1/images/generations`: the OpenAI Images API shape; `prompt` is a class name.
 * `POST /v1/generate`: the native endpoint; `label` is a class name or id.
-* `stream: true` on either: Server-Sent Events `progress` (per model evaluation), then
-  `completed` (the full response) or `error`.
+* `stream: true`: Server-Sent Events. Native: `progress` (per model evaluation), then
+  `completed` (the full response). Images endpoint: OpenAI's `image_generation.partial_image`
+  (with `preview: true`) and one `image_generation.completed` per image. Either may end with
+  `error` instead.
 * Errors: `{"error": {"message", "type", "param", "code", "request_id"}}`.
 """
 
@@ -72,21 +80,32 @@ def _error_responses(*codes: int) -> dict:
     return {c: {"model": ErrorResponse, "description": meanings[c]} for c in codes}
 
 
-_GENERATION_RESPONSES = {
-    200: {
-        "description": "Images as JSON (`b64_json`), the raw file (`bytes`), or an event stream",
-        "content": {
-            "image/png": {},
-            "image/webp": {},
-            "application/x-npy": {},
-            "text/event-stream": {
-                "example": 'event: progress\ndata: {"id": "req_1", "step": 1, "total": 20}\n\n'
-                'event: completed\ndata: {"id": "req_1", ...}\n\n'
+def _generation_responses(stream_example: str) -> dict:
+    return {
+        200: {
+            "description": "Images as JSON (`b64_json`), the raw file (`bytes`), or an event "
+            "stream",
+            "content": {
+                "image/png": {},
+                "image/webp": {},
+                "application/x-npy": {},
+                "text/event-stream": {"example": stream_example},
             },
         },
-    },
-    **_error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
-}
+        **_error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
+    }
+
+
+_NATIVE_STREAM_EXAMPLE = (
+    'event: progress\ndata: {"id": "req_1", "step": 1, "total": 20}\n\n'
+    'event: completed\ndata: {"id": "req_1", ...}\n\n'
+)
+_OPENAI_STREAM_EXAMPLE = (
+    f'event: {PARTIAL_IMAGE}\ndata: {{"type": "{PARTIAL_IMAGE}", "b64_json": "iVBOR...", '
+    '"partial_image_index": 0, ...}\n\n'
+    f'event: {COMPLETED}\ndata: {{"type": "{COMPLETED}", "b64_json": "iVBOR...", '
+    '"index": 0, ...}\n\n'
+)
 
 
 def _state(request: Request) -> ServerState:
@@ -171,24 +190,59 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _event_stream(engine: Engine, job: Job, openai_shape: bool) -> AsyncIterator[bytes]:
+async def _previews(engine: Engine, job: Job) -> AsyncIterator[tuple[Progress, str | None]]:
+    """The job's progress, with its preview (if any) as a base64 PNG rendered off the loop."""
+    while (progress := await job.events.get()) is not None:
+        preview = None
+        if progress.preview is not None:
+            png = await run_in_threadpool(engine.render_preview, job.params.model, progress.preview)
+            preview = base64.b64encode(png).decode("ascii")
+        yield progress, preview
+
+
+async def _native_stream(engine: Engine, job: Job) -> AsyncIterator[bytes]:
+    """`progress` per evaluation, then `completed` with the endpoint's JSON response."""
+    async for progress, preview in _previews(engine, job):
+        event = ProgressEvent(
+            id=job.params.request_id, step=progress.step, total=progress.total, preview=preview
+        )
+        yield _sse("progress", event.model_dump(exclude_none=True))
+    yield _sse("completed", _render_json(False, job, job.result.result()))
+
+
+async def _openai_stream(engine: Engine, job: Job) -> AsyncIterator[bytes]:
+    """OpenAI's image events (`openai_stream`): a partial image per preview, then one
+    completed event per image."""
     p = job.params
-    try:
-        while (progress := await job.events.get()) is not None:
-            preview = None
-            if progress.preview is not None:
-                png = await run_in_threadpool(engine.render_preview, p.model, progress.preview)
-                preview = base64.b64encode(png).decode("ascii")
-            event = ProgressEvent(
-                id=p.request_id, step=progress.step, total=progress.total, preview=preview
+    async for progress, preview in _previews(engine, job):
+        if preview is not None:  # OpenAI's stream has partial images, no bare progress
+            event = PartialImageEvent(
+                b64_json=preview,
+                partial_image_index=progress.step - 1,
+                created_at=int(time.time()),
+                size=p.size,
+                id=p.request_id,
+                step=progress.step,
+                total=progress.total,
             )
-            yield _sse("progress", event.model_dump(exclude_none=True))
-        try:
-            result = job.result.result()
-        except JobError as exc:
-            yield _sse("error", error_body(_as_api_error(exc), p.request_id))
-            return
-        yield _sse("completed", _render_json(openai_shape, job, result))
+            yield _sse(PARTIAL_IMAGE, event.model_dump())
+    result, info, created = job.result.result(), _info(job), int(time.time())
+    for image in _images(result):
+        event = CompletedEvent(
+            **info, b64_json=image.b64_json, index=image.index, created_at=created
+        )
+        yield _sse(COMPLETED, event.model_dump())
+
+
+async def _event_stream(
+    engine: Engine, job: Job, events: Callable[[Engine, Job], AsyncIterator[bytes]]
+) -> AsyncIterator[bytes]:
+    """The endpoint's `events`, or an `error` event if the request fails."""
+    try:
+        async for event in events(engine, job):
+            yield event
+    except JobError as exc:
+        yield _sse("error", error_body(_as_api_error(exc), job.params.request_id))
     finally:  # the client went away (or the stream ended): nothing more to compute
         if not job.result.done():
             engine.cancel(job)
@@ -225,7 +279,7 @@ async def _generate(
     headers = {"X-Seed": str(params.seed), "X-Model": params.model}
     if params.stream:
         return StreamingResponse(
-            _event_stream(engine, job, openai_shape),
+            _event_stream(engine, job, _openai_stream if openai_shape else _native_stream),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -271,14 +325,16 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["X-Request-ID", "X-Seed", "X-Model", "Retry-After"],
         )
     # Added last, so outermost: every response, CORS preflights too, carries a request id.
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=server.metrics
+    )
     install_error_handlers(app)
     guarded = [Depends(require_api_key)]
 
     @app.post(
         "/v1/images/generations",
         response_model=ImagesResponse,
-        responses=_GENERATION_RESPONSES,
+        responses=_generation_responses(_OPENAI_STREAM_EXAMPLE),
         dependencies=guarded,
         tags=["generation"],
         summary="Generate images (OpenAI Images API shape)",
@@ -286,13 +342,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def images_generations(body: ImagesRequest, request: Request) -> Response:
         """`prompt` names a class of the model (omit it for unconditional generation).
         Accepts the extension fields `sampler`, `steps`, `guidance_scale`, `seed`,
-        `sampler_options`, `output_format`, `timeout`, `stream` and `preview`."""
+        `sampler_options`, `output_format`, `timeout`, `stream` and `preview`. With `stream`
+        it sends OpenAI's image streaming events, which OpenAI's SDKs parse."""
         return await _generate(request, body, body.prompt, "prompt", openai_shape=True)
 
     @app.post(
         "/v1/generate",
         response_model=GenerateResponse,
-        responses=_GENERATION_RESPONSES,
+        responses=_generation_responses(_NATIVE_STREAM_EXAMPLE),
         dependencies=guarded,
         tags=["generation"],
         summary="Generate images (native)",
@@ -335,6 +392,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def health() -> Health:
         return Health()
 
+    # Probes and load balancers may ask with HEAD: the same status, no body (the server
+    # drops it). Not in the schema, where it would repeat the GET operation.
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @app.get(
         "/ready",
         response_model=Readiness,
@@ -366,6 +427,8 @@ def create_app(settings: Settings) -> FastAPI:
             status_code=200 if body.ready else 503,
             media_type="application/json",
         )
+
+    app.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False)
 
     metrics_guard = guarded if settings.metrics_auth else []
 

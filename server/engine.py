@@ -73,12 +73,18 @@ def _memory_reader(device: torch.device):
     return rss
 
 
+def _about(job: Job) -> dict:
+    """`extra=` for a log line about one request: the line shows its id, as lines written
+    while the event loop handles the request do (`middleware.RequestIdLogFilter`)."""
+    return {"request_id": job.params.request_id}
+
+
 def _log_outcome(job: Job, outcome: str) -> None:
     p = job.params
     log.info(
         "request %s %s: model=%s sampler=%s steps=%d/%d n=%d guidance=%g %.3fs",
         p.request_id, outcome, p.model, p.sampler, job.state.step_index, p.nfe, p.n,
-        p.guidance_scale, time.monotonic() - job.admitted_at,
+        p.guidance_scale, time.monotonic() - job.admitted_at, extra=_about(job),
     )  # fmt: skip
 
 
@@ -258,7 +264,7 @@ class Engine:
         for job in jobs:
             p = job.params
             if job in failed:
-                log.error("request %s failed: %s", p.request_id, failed[job])
+                log.error("request %s failed: %s", p.request_id, failed[job], extra=_about(job))
                 self._end(job, JobError(500, failed[job], "internal_error"), "failed")
                 continue
             self.metrics.steps.labels(model=model, sampler=p.sampler).inc()
@@ -288,7 +294,9 @@ class Engine:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # the failed forward's blocks, before the retry
             if len(jobs) == 1:
-                log.exception("step failed for request %s", jobs[0].params.request_id)
+                log.exception(
+                    "step failed for request %s", jobs[0].params.request_id, extra=_about(jobs[0])
+                )
                 return {}, {jobs[0]: f"the model step failed: {type(exc).__name__}"}
             half = len(jobs) // 2
             left = self._step_isolating(runner, jobs[:half], ran, out_of_memory)
@@ -356,7 +364,7 @@ class Engine:
             _log_outcome(job, "ok")
             job.finish(result)
         except Exception as exc:
-            log.exception("encoding failed for request %s", p.request_id)
+            log.exception("encoding failed for request %s", p.request_id, extra=_about(job))
             self.metrics.requests.labels(model=p.model, sampler=p.sampler, status="failed").inc()
             job.finish(
                 JobError(500, f"decoding the images failed: {type(exc).__name__}", "internal_error")

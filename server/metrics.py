@@ -3,7 +3,8 @@
 Each `Metrics` owns its registry, so several servers (or tests) in one process don't collide.
 `denoised_requests_total{status}` takes the values in `STATUSES`: ok, failed (500: an exception
 or non-finite numerics), cancelled (client went away), timeout (504), rejected (429 queue full,
-503 draining). Requests refused by validation (404, 422) are not counted.
+503 draining). Requests refused by validation (404, 422) are not counted there; every HTTP
+response, those included, is counted in `denoised_http_responses_total{route, code}`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from prometheus_client import (
 # No `*_created` series: they would double the exposition, and no rule or dashboard reads them.
 disable_created_metrics()
 
-# Seconds: from tiny CPU models (tens of ms) to large guided GPU requests (minutes).
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Seconds: from tiny CPU models (tens of ms) to large guided GPU requests (minutes), up to the
+# largest request timeout a server accepts (`max_timeout`, 600 s by default).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STATUSES = ("ok", "failed", "cancelled", "timeout", "rejected")
+UNMATCHED_ROUTE = "unmatched"  # the `route` label of requests to paths the API does not have
 
 
 class Metrics:
@@ -95,7 +98,7 @@ class Metrics:
         )
         self.steps = Counter(
             "denoised_steps",
-            "Sampler steps (model evaluations) executed, per request",
+            "Model evaluations executed, counted per request (Heun: about two per step)",
             ["model", "sampler"],
             registry=r,
         )
@@ -131,6 +134,13 @@ class Metrics:
             "denoised_ready",
             "1 when /ready answers 200: models loaded and warmed (with strict readiness, every "
             "configured model) and not draining",
+            registry=r,
+        )
+
+        self.http_responses = Counter(
+            "denoised_http_responses",
+            "HTTP responses by route template (or 'unmatched') and status code",
+            ["route", "code"],
             registry=r,
         )
 

@@ -1,5 +1,7 @@
-"""Reading a live server's /metrics (with prometheus_client's own parser) and waiting."""
+"""Reading a live server's /metrics (with prometheus_client's own parser) and event streams,
+and waiting."""
 
+import json
 import time
 
 import httpx
@@ -32,3 +34,14 @@ def wait_for(condition, seconds: float = 30, what: str = "condition") -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    """The (event name, JSON data) pairs of a Server-Sent Events response."""
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events

@@ -4,13 +4,12 @@ that shares forwards, batch invariance, the SSE event sequence, and the metrics.
 import asyncio
 import base64
 import io
-import json
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serving_helpers import metric_samples, value
+from serving_helpers import metric_samples, read_events, value
 
 pytestmark = pytest.mark.e2e
 
@@ -105,16 +104,6 @@ def test_same_seed_same_image_alone_or_among_others(server):
     np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
 
 
-def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line.removeprefix("data: "))))
-    return events
-
-
 def test_sse_sends_progress_per_evaluation_then_completed(server):
     body = {"label": "6", "sampler": "heun", "steps": 4, "stream": True, "preview": True}
     with httpx.stream("POST", server.url + "/v1/generate", json=body, timeout=60) as response:
@@ -137,7 +126,8 @@ def test_sse_on_the_openai_endpoint_completes_in_its_shape(server):
     body = {"prompt": "1", "steps": 3, "stream": True}
     with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=60) as r:
         events = read_events(r)
-    assert events[-1][0] == "completed" and len(events[-1][1]["data"]) == 1
+    assert [name for name, _ in events] == ["image_generation.completed"]  # no previews asked
+    assert events[0][1]["type"] == "image_generation.completed" and events[0][1]["b64_json"]
 
 
 def test_metrics_parse_and_counters_move(server):

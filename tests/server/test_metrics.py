@@ -2,7 +2,8 @@
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from denoised.server.metrics import Metrics
+from denoised.server.metrics import LATENCY_BUCKETS, Metrics
+from denoised.server.settings import Settings
 
 # CONTRACTS §6: family name → (type, label names)
 CONTRACT = {
@@ -22,6 +23,7 @@ CONTRACT = {
     "denoised_batch_limit": ("gauge", {"model"}),
     "denoised_device_memory_bytes": ("gauge", {"device"}),
     "denoised_ready": ("gauge", set()),
+    "denoised_http_responses": ("counter", {"route", "code"}),
 }
 
 
@@ -41,6 +43,7 @@ def test_exposition_has_exactly_the_contracted_families_and_labels():
     metrics.batch_limit.labels(model="m").set(64)
     metrics.watch_device_memory("cpu", lambda: 123.0)
     metrics.ready.set(1)
+    metrics.http_responses.labels(route="/v1/generate", code="422").inc()
     text = metrics.render()[0].decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert set(families) == set(CONTRACT)
@@ -55,3 +58,14 @@ def test_exposition_has_exactly_the_contracted_families_and_labels():
     assert (steps.name, steps.value) == ("denoised_steps_total", 0.0)  # exists before use
     oom = families["denoised_oom"].samples[0]
     assert (oom.name, oom.value) == ("denoised_oom_total", 0.0)
+
+
+def test_latency_buckets_reach_the_longest_request_timeout():
+    """A request may run up to `max_timeout`: its duration must land in a finite bucket."""
+    assert LATENCY_BUCKETS[-1] >= Settings().max_timeout
+    metrics = Metrics()
+    metrics.request_duration.labels(model="m").observe(0.9 * Settings().max_timeout)
+    families = text_string_to_metric_families(metrics.render()[0].decode())
+    buckets = next(f for f in families if f.name == "denoised_request_duration_seconds").samples
+    finite = [s for s in buckets if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"]
+    assert finite[-1].value == 1  # counted below +Inf

@@ -1,0 +1,64 @@
+"""The event stream of `POST /v1/images/generations` with `stream: true`, in the shape of the
+OpenAI Images API, so its SDKs parse it: an `image_generation.partial_image` event per preview
+(only when previews are asked for) and an `image_generation.completed` event per image, each
+with the image as `b64_json` at the top level. The SSE event name equals the `type` field.
+
+The fields OpenAI's events carry are all there (`usage` counts no tokens: there are none);
+our own ride along as extra fields, which the SDKs keep: `id`, `step` and `total` on partial
+images, the resolved generation parameters (`seed`, `sampler`, `nfe`, ...) and the image's
+`index` on completed ones. The native endpoint keeps its `progress`/`completed` events.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from denoised.server.schemas import GenerationInfo
+
+PARTIAL_IMAGE = "image_generation.partial_image"
+COMPLETED = "image_generation.completed"
+
+
+class _ImageEventFields(BaseModel):
+    """What OpenAI's partial and completed events share."""
+
+    b64_json: str = Field(description="The encoded image, base64.")
+    created_at: int = Field(description="Unix seconds when the event was made.")
+    size: str = Field(description="The requested size, `WxH`.")
+    background: Literal["opaque"] = "opaque"
+    quality: Literal["auto"] = "auto"
+
+
+class PartialImageEvent(_ImageEventFields):
+    """A low-resolution PNG of the current prediction of the first image (`preview`)."""
+
+    type: Literal["image_generation.partial_image"] = PARTIAL_IMAGE
+    partial_image_index: int = Field(description="0-based; equals `step` - 1.")
+    output_format: Literal["png"] = "png"
+    id: str = Field(description="Request id.")
+    step: int = Field(description="Evaluations done, 1..total.")
+    total: int = Field(description="Evaluations planned (nfe).")
+
+
+class InputTokensDetails(BaseModel):
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """OpenAI's token usage; a class label is not tokenised, so every count is 0."""
+
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletedEvent(GenerationInfo, _ImageEventFields):
+    """One finished image, with the request's resolved parameters."""
+
+    type: Literal["image_generation.completed"] = COMPLETED
+    index: int = Field(description="Position in the request's images.")
+    usage: Usage = Field(default_factory=Usage)
