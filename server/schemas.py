@@ -94,7 +94,7 @@ class SamplingFields(BaseModel):
         max_length=16,
         description="Sampler-specific options, e.g. `eta` for ddim; unknown names are a 422 "
         "listing the allowed ones.",
-        examples=[{"spacing": "trailing"}],
+        examples=[{"spacing": "linspace"}],
     )
     output_format: OutputFormat = Field(
         "png",
