@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from denoised_client.bench.cli import main as bench_main
-from denoised_client.bench.runner import RATIO_FIGURES
+from denoised_client.bench.load import RequestRecord
+from denoised_client.bench.runner import RATIO_FIGURES, failures
+from denoised_client.bench.stats import summarize
 
 PERCENTILE_KEYS = ("p50", "p90", "p99", "max")
 
@@ -197,3 +199,21 @@ def test_ab_between_two_solvers_on_one_server(server, tmp_path):
     assert {r["sampler"] for r in rows if r["target"] == "B"} == {"dpmpp-2m"}
     assert not math.isnan(row["ratios"]["steps_per_s"])
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_failures_under_load_are_data_but_rejections_and_empty_scenarios_are_not():
+    def run(*statuses: str) -> dict:
+        records = [
+            RequestRecord("ddim", "ddim", 2, None, 1, 0.0, 1.0, status, nfe=2, images=1)
+            for status in statuses
+        ]
+        overall = summarize(records, 1.0)
+        return {"scenarios": [{"target": "A", "scenario": "closed-c4", "overall": overall}]}
+
+    assert failures(run("ok", "429", "429", "503", "504", "500", "timeout", "connection")) == []
+    assert failures(run("429", "503", "429")) == [
+        "[A] closed-c4: no request succeeded (429×2, 503×1)"
+    ]
+    assert failures(run("ok", "422", "429", "404")) == [
+        "[A] closed-c4: the server rejected 2 request(s) (404×1, 422×1, 429×1)"
+    ]

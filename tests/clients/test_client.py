@@ -4,6 +4,7 @@ streaming, raw files (`response_format="bytes"`), typed errors, and retries on a
 import asyncio
 import io
 import logging
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +25,7 @@ from denoised_client import (
     NotFoundError,
     RateLimitError,
     RetryPolicy,
+    ServiceUnavailableError,
 )
 
 
@@ -198,7 +200,7 @@ def test_errors_are_typed_and_carry_the_server_fields(client):
 
     with pytest.raises(InvalidRequestError) as bad_option:
         client.generate(sampler="ddim", sampler_options={"etta": 1.0})
-    assert bad_option.value.param == "sampler_options" and "eta" in str(bad_option.value)
+    assert bad_option.value.param == "sampler_options.etta" and "eta" in str(bad_option.value)
 
     with pytest.raises(InvalidRequestError):  # before the stream starts
         client.stream(steps=0).until_done()
@@ -290,3 +292,43 @@ def test_retry_on_a_real_429_honours_retry_after(one_slot_server, caplog):
     assert len(retries) >= 1
     assert waited >= len(retries) * 1.0  # Retry-After is whole seconds, at least 1
     assert rejected_count(url) - rejected_before == len(retries) + 1  # the server saw each try
+
+
+def test_a_model_that_failed_to_load_is_not_retried(mixed_server, caplog):
+    """Its 503 carries no Retry-After: retrying cannot help, so neither client does."""
+    retry = RetryPolicy(max_retries=3, backoff=0.01)
+
+    async def awaited():
+        async with AsyncClient(mixed_server.url, retry=retry) as client:
+            await client.generate(model="broken", steps=2)
+
+    with Client(mixed_server.url, retry=retry) as client, caplog.at_level(logging.INFO):
+        with pytest.raises(ServiceUnavailableError) as plain:
+            client.generate(model="broken", steps=2)
+        with pytest.raises(ServiceUnavailableError) as in_async:
+            asyncio.run(awaited())
+        assert client.generate(model="tiny-words", steps=2).label is None  # the rest serve
+    for error in (plain.value, in_async.value):
+        assert error.retry_after is None and error.param == "model"
+        assert "failed to load" in error.message
+    assert not [r for r in caplog.records if "retry" in r.message]
+
+
+def test_a_draining_server_answers_503_with_retry_after(launch):
+    """While it drains, the server refuses new work with Retry-After: 5, which the client's
+    policy waits (another replica may take the retry)."""
+    server = launch()
+    with Client(server.url, retry=NO_RETRY) as client:
+        running = client.open_stream(GenerationRequest(model="tiny-dit", steps=300))
+        next(iter(running))  # admitted and started: the drain waits for it
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while client.ready().status != "draining":
+            assert time.monotonic() < deadline, "the server did not start draining"
+            time.sleep(0.02)
+        with pytest.raises(ServiceUnavailableError) as draining:
+            client.generate(model="tiny-dit", steps=2)
+        assert draining.value.retry_after == 5
+        assert RetryPolicy().delay(0, draining.value) == 5
+        assert running.until_done().steps == 300
+    assert server.process.wait(timeout=30) == 0

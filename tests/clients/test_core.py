@@ -37,12 +37,33 @@ def test_retry_after_is_honoured_as_given_and_too_long_gives_up():
 
 def test_backoff_doubles_with_jitter_and_is_capped():
     policy = RetryPolicy(max_retries=10, backoff=0.5, max_backoff=3.0)
-    unavailable = ServiceUnavailableError("loading", status=503)
+    refused = transport_error(httpx.ConnectError("refused"))
     for attempt in range(10):
         bound = min(3.0, 0.5 * 2**attempt)
-        delays = [policy.delay(attempt, unavailable) for _ in range(200)]
+        delays = [policy.delay(attempt, refused) for _ in range(200)]
         assert all(bound / 2 <= d <= bound for d in delays)
         assert max(delays) - min(delays) > bound / 10  # jittered, not fixed
+
+
+def test_429_and_503_are_retried_only_with_retry_after():
+    """The server sends Retry-After when it did not admit a request for now (queue full,
+    loading, draining); a 503 without it is a model that failed to load: final."""
+    policy = RetryPolicy(max_retries=3, backoff=0.5)
+    draining = ServiceUnavailableError("shutting down", status=503, retry_after=5)
+    assert policy.delay(0, draining) == 5 and policy.delay(2, draining) == 5
+    failed_model = ServiceUnavailableError("failed to load", status=503)
+    assert policy.delay(0, failed_model) is None
+    assert policy.delay(0, rate_limited(None)) is None
+    assert policy.delay(0, InternalServerError("boom", status=500, retry_after=1)) is None
+
+
+def test_connection_errors_name_the_request():
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/generate")
+    error = transport_error(httpx.ConnectError("[Errno 111] Connection refused", request=request))
+    assert str(error) == (
+        "ConnectError: [Errno 111] Connection refused (POST http://127.0.0.1:9/v1/generate)"
+    )
+    assert str(transport_error(httpx.ReadError(""))) == "ReadError"  # no request to name
 
 
 def test_only_unadmitted_failures_are_retried():

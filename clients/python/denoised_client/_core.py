@@ -3,6 +3,7 @@ transport failures to typed errors, and the Server-Sent Events parser (no I/O he
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -36,22 +37,32 @@ DEFAULT_TIMEOUT = 300.0
 _DEADLINE_MARGIN = 10.0
 
 
+def come_back_later(error: DenoisedError) -> bool:
+    """Whether the server refused `error`'s request for now and said when to come back: a
+    429 (queue full) or 503 (loading, draining) that carries Retry-After. A 503 without it
+    (the named model failed to load) is as final as a 4xx."""
+    return (
+        isinstance(error, APIStatusError)
+        and error.status in (429, 503)
+        and error.retry_after is not None
+    )
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Which failures are retried, and how long to wait.
 
-    Retried: the statuses in `statuses` (by default 429 queue full and 503 loading/draining:
-    the server did not admit the request) and connections that failed before the request was
-    sent. A Retry-After header is honoured as given; a longer one than `max_retry_after`
-    raises at once. Without it, waits grow as `backoff · 2^attempt` (capped at `max_backoff`),
-    with jitter so that many clients do not come back together.
+    Retried: answers for which `come_back_later` holds (429 queue full, 503 loading or
+    draining: the server did not admit the request and sent Retry-After), waiting Retry-After
+    as given (a longer one than `max_retry_after` raises at once); and connections that failed
+    before the request was sent, after `backoff · 2^attempt` seconds (capped at
+    `max_backoff`), with jitter so that many clients do not come back together.
     """
 
     max_retries: int = 3
     backoff: float = 0.5
     max_backoff: float = 8.0
     max_retry_after: float = 60.0
-    statuses: tuple[int, ...] = (429, 503)
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -63,14 +74,11 @@ class RetryPolicy:
         """Seconds to wait before retry number `attempt + 1`, or None to give up."""
         if attempt >= self.max_retries:
             return None
-        if isinstance(error, APIStatusError):
-            if error.status not in self.statuses:
-                return None
-            if error.retry_after is not None:
-                return error.retry_after if error.retry_after <= self.max_retry_after else None
-        elif not (isinstance(error, APIConnectionError) and not error.request_sent):
-            return None
-        return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+        if come_back_later(error):
+            return error.retry_after if error.retry_after <= self.max_retry_after else None
+        if isinstance(error, APIConnectionError) and not error.request_sent:
+            return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+        return None
 
 
 NO_RETRY = RetryPolicy(max_retries=0)
@@ -101,10 +109,14 @@ class Attempts:
 
 
 def transport_error(exc: httpx.TransportError) -> APIConnectionError:
-    """A typed error for an httpx failure; connect failures are known not to have sent it."""
+    """A typed error for an httpx failure, naming the request it failed (so a wrong URL
+    shows); connect failures are known not to have sent it."""
     sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
     cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
-    error = cls(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    with contextlib.suppress(RuntimeError):  # raised outside a request: none to name
+        message += f" ({exc.request.method} {exc.request.url})"
+    error = cls(message)
     error.request_sent = sent
     return error
 

@@ -104,7 +104,7 @@ class Client:
     """Blocking client for a denoised server. Safe to share between threads (httpx.Client is).
 
     `timeout`: seconds to wait for an answer (stretched past a request's own `timeout`);
-    `retry`: what to retry (default: 429 and 503, honouring Retry-After, up to 3 times).
+    `retry`: what to retry (default: 429 and 503 answers with Retry-After, up to 3 times).
     """
 
     def __init__(

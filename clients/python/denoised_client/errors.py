@@ -86,7 +86,8 @@ class InternalServerError(APIStatusError):
 
 
 class ServiceUnavailableError(APIStatusError):
-    """503: the server is loading its models or shutting down."""
+    """503: the server is loading its models or shutting down (with Retry-After), or the named
+    model failed to load (without: retrying will not help)."""
 
 
 class DeadlineExceededError(APIStatusError):

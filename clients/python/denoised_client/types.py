@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -135,13 +136,16 @@ class Generation:
 
     def save(self, path: str | Path) -> list[Path]:
         """Write the images: to `path` itself for one image, else `stem-<index>.suffix`."""
-        path = Path(path)
-        if len(self.images) == 1:
-            return [self.images[0].save(path)]
-        return [
-            image.save(path.with_name(f"{path.stem}-{image.index}{path.suffix}"))
-            for image in self.images
-        ]
+        paths = image_paths(path, [image.index for image in self.images])
+        return [image.save(p) for image, p in zip(self.images, paths, strict=True)]
+
+
+def image_paths(path: str | Path, indices: Sequence[int]) -> list[Path]:
+    """Where `Generation.save(path)` writes the images of these indices."""
+    path = Path(path)
+    if len(indices) == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in indices]
 
 
 @dataclass(frozen=True)

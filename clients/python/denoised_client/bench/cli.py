@@ -13,6 +13,13 @@
     denoised-bench --url http://a:8000 --b-url http://b:8000 --concurrency 4 --duration 20
 
 Writes results.json, summary.csv, requests.csv (ab.csv in A/B mode) and PNG plots to --out.
+
+Failed requests under load (429 queue full, 503, 504, 500, timeouts) are results: the table
+counts them by status and the exit status stays 0. The exit status is 1 when the run could
+not measure what it was asked to: a warm-up request failed with anything but 429 (the run
+stops at once with the server's message), the server rejected a measured request as invalid
+(400, 401, 404, 413, 422: the mix is wrong), or a target and scenario had no successful
+request at all; the results are still written. Argument errors exit with status 2.
 """
 
 from __future__ import annotations
@@ -29,7 +36,13 @@ from denoised_client._core import DEFAULT_URL
 from denoised_client.bench import plots
 from denoised_client.bench.load import Limit
 from denoised_client.bench.report import read_reports, write_reports
-from denoised_client.bench.runner import BenchConfig, Scenario, Target, run_benchmark
+from denoised_client.bench.runner import (
+    BenchConfig,
+    Scenario,
+    Target,
+    failures,
+    run_benchmark,
+)
 from denoised_client.bench.workload import Workload, load_workload, workload_from_spec
 from denoised_client.errors import DenoisedError
 
@@ -216,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         written += plots.write_plots(results, requests, out)
     print_table(results)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
-    return 0
+    problems = failures(results)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

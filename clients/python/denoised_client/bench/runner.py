@@ -5,6 +5,13 @@ A/B interleaving splits each scenario into `rounds` slices and alternates the or
 targets from round to round (A B, B A, A B, ...), so a drift of the machine over time (heat,
 other load) weighs on both alike. Within a round both targets get the same request sequence
 (the same seeds, mix draws and arrival times).
+
+Failures: the warm-up sends one request at a time to a ready server, so a failure there is
+not load; any but a 429 (another client filling the queue) stops the run at once with the
+server's message. In the measured scenarios failures are data (counted by status), except
+that `failures` names a run whose figures cannot be trusted: a request the server rejected
+as invalid (a 4xx other than 429: the mix is wrong), or a target and scenario with no
+successful request at all (nothing was measured).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from denoised_client.bench.load import Limit, RequestRecord, closed_loop, open_l
 from denoised_client.bench.server_metrics import MetricsWindow, parse_totals
 from denoised_client.bench.stats import by_group, elapsed_of, summarize
 from denoised_client.bench.workload import Workload
-from denoised_client.errors import DenoisedError
+from denoised_client.errors import DenoisedError, RateLimitError
 
 # B/A ratios reported in A/B mode: (figure, key in a summary, key inside it or None).
 RATIO_FIGURES = {
@@ -93,6 +100,39 @@ class _Accumulator:
     scraped: bool = True
 
 
+async def _warm_up(client: AsyncClient, target: Target, count: int, rng: random.Random) -> None:
+    """`count` requests one after another, unrecorded; raises on any failure but a 429."""
+    for _ in range(count):
+        request = target.workload.pick(rng)
+        try:
+            async with client.open_stream(request, endpoint=target.workload.endpoint) as stream:
+                await stream.until_done()
+        except RateLimitError:
+            continue
+        except DenoisedError as exc:
+            raise DenoisedError(f"[{target.name}] warm-up request failed: {exc}") from exc
+
+
+def _rejected(status: str) -> bool:
+    """A measured request the server refused as invalid (no load explains a 4xx but 429)."""
+    return status.isdigit() and 400 <= int(status) < 500 and status != "429"
+
+
+def failures(results: dict) -> list[str]:
+    """Why a finished run's figures cannot be trusted (empty when they can): requests the
+    server rejected as invalid, and targets and scenarios where no request succeeded."""
+    found = []
+    for s in results["scenarios"]:
+        where, figures = f"[{s['target']}] {s['scenario']}", s["overall"]
+        errors = ", ".join(f"{k}×{v}" for k, v in figures["errors"].items())
+        rejected = sum(v for k, v in figures["errors"].items() if _rejected(k))
+        if rejected:
+            found.append(f"{where}: the server rejected {rejected} request(s) ({errors})")
+        elif not figures["ok"]:
+            found.append(f"{where}: no request succeeded ({errors or 'none sent'})")
+    return found
+
+
 async def _scrape(client: AsyncClient) -> dict[str, float] | None:
     try:
         return parse_totals(await client.metrics())
@@ -152,7 +192,7 @@ async def run_benchmark(
             if config.warmup:
                 say(f"[{target.name}] warm-up: {config.warmup} requests")
                 rng = random.Random(f"{config.seed}-warmup")
-                await closed_loop(client, target.workload, 1, Limit(requests=config.warmup), rng)
+                await _warm_up(client, target, config.warmup, rng)
         slice_limit = config.limit.split(config.rounds)
         slices = 0  # slices run so far: the order in which targets took turns
         for scenario in config.scenarios:
