@@ -177,6 +177,32 @@ def test_stream_yields_every_step_then_the_result(client):
     assert [e.fraction for e in seen] == [1 / 3, 2 / 3, 1.0] and result.steps == 3
 
 
+def test_openai_shaped_streams_give_partial_images_and_every_image(client, server):
+    """That endpoint streams OpenAI's image events: steps come as partial images (with
+    previews only), the result from one completed event per image."""
+    fields = {"model": "tiny-flow", "n": 2, "sampler": "euler", "steps": 3, "seed": 6}
+    plain = client.generate_images("4", **fields)
+    with client.stream("4", endpoint="images", preview=True, **fields) as stream:
+        events = list(stream)
+    assert [(e.step, e.total) for e in events] == [(1, 3), (2, 3), (3, 3)]
+    assert {e.id for e in events} == {stream.result.id}
+    assert all(pixels(e.preview).size[0] <= 8 for e in events)
+
+    async def without_previews():
+        async with (
+            AsyncClient(server.url) as aclient,
+            aclient.stream("4", endpoint="images", **fields) as quiet,
+        ):
+            return [event async for event in quiet], quiet.result
+
+    quiet_events, quiet_result = asyncio.run(without_previews())
+    assert quiet_events == []
+    for result in (stream.result, quiet_result):
+        assert [i.index for i in result.images] == [0, 1]
+        assert [i.data for i in result.images] == [i.data for i in plain.images]
+        assert (result.model, result.label, result.seed, result.nfe) == ("tiny-flow", "4", 6, 3)
+
+
 def test_async_stream(server):
     async def run():
         async with AsyncClient(server.url) as aclient:

@@ -185,14 +185,23 @@ class ClientConfig:
         return httpx.Timeout(read, connect=min(10.0, self.timeout))
 
 
+# The OpenAI-shaped endpoint streams OpenAI's image events: a partial image per preview (with
+# `id`, `step` and `total` besides), then one completed event per image with the resolved
+# parameters; the stream ends after the last.
+_PARTIAL_IMAGE = "image_generation.partial_image"
+_COMPLETED_IMAGE = "image_generation.completed"
+
+
 class EventParser:
-    """Turns the lines of a `text/event-stream` answer into `Progress` events and, at the
-    `completed` event, the `Generation`; an `error` event raises its typed error."""
+    """Turns the lines of a `text/event-stream` answer into `Progress` events and the
+    `Generation`: at the native `completed` event, or (the OpenAI shape) from the completed
+    images when the stream ends. An `error` event raises its typed error."""
 
     def __init__(self) -> None:
         self.result: Generation | None = None
         self._event: str | None = None
         self._data: list[str] = []
+        self._images: list[dict] = []  # the OpenAI shape's completed events so far
 
     def feed(self, line: str) -> Progress | None:
         if line:
@@ -214,13 +223,23 @@ class EventParser:
             raise StreamError(f"malformed {event!r} event: {data[:200]!r}") from None
         if event == "progress":
             return Progress.from_json(body)
+        if event == _PARTIAL_IMAGE:
+            return Progress.from_json({**body, "preview": body["b64_json"]})
         if event == "completed":
             self.result = Generation.from_json(body)
+        elif event == _COMPLETED_IMAGE:
+            self._images.append(body)
         elif event == "error":
             raise error_from_body(int(body.get("error", {}).get("code", 500)), body)
         return None  # events this client does not know are skipped
 
     def finish(self) -> Generation:
+        """The result, once the stream has ended."""
+        if self.result is None and self._images:
+            first = self._images[0]
+            self.result = Generation.from_json(
+                {**first, "created": first["created_at"], "data": self._images}
+            )
         if self.result is None:
             raise StreamError("the event stream ended without a completed event")
         return self.result

@@ -214,7 +214,9 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     )
     endpoint = "images" if args.openai else "generate"
     bar = ProgressBar(sys.stderr) if args.progress else None
-    result = client.create(request, endpoint=endpoint, on_progress=bar)
+    # OpenAI's image stream reports steps only as partial images: ask for them.
+    previews = bar is not None and args.openai
+    result = client.create(request, endpoint=endpoint, on_progress=bar, preview=previews)
     for path in result.save(output):
         print(path)
     print(
