@@ -67,10 +67,11 @@ shares one backbone forward per engine iteration (step-level batching).
 
 def _error_responses(*codes: int) -> dict:
     meanings = {
-        400: "Malformed JSON",
+        400: "Malformed JSON or a body that is not UTF-8",
         401: "Missing or wrong API key",
         404: "Unknown model",
         413: "Body too large",
+        415: "Not a JSON body (send Content-Type: application/json, uncompressed)",
         422: "Invalid field (the message names it and the allowed values)",
         429: "Queue full; see Retry-After",
         500: "Internal error (with a request id)",
@@ -92,7 +93,7 @@ def _generation_responses(stream_example: str) -> dict:
                 "text/event-stream": {"example": stream_example},
             },
         },
-        **_error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
+        **_error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503, 504),
     }
 
 
