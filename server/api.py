@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Container
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,6 +30,7 @@ from denoised.server.openai_stream import (
     PARTIAL_IMAGE,
     CompletedEvent,
     PartialImageEvent,
+    partial_image_steps,
 )
 from denoised.server.registry import FieldError, ModelUnavailable, UnknownModel
 from denoised.server.schemas import (
@@ -59,8 +61,8 @@ shares one backbone forward per engine iteration (step-level batching).
 * `POST /v1/generate`: the native endpoint; `label` is a class name or id.
 * `stream: true`: Server-Sent Events. Native: `progress` (per model evaluation), then
   `completed` (the full response). Images endpoint: OpenAI's `image_generation.partial_image`
-  (with `preview: true`) and one `image_generation.completed` per image. Either may end with
-  `error` instead.
+  (`partial_images` of them, or one per evaluation with `preview: true`) and one
+  `image_generation.completed` per image. Either may end with `error` instead.
 * Errors: `{"error": {"message", "type", "param", "code", "request_id"}}`.
 """
 
@@ -191,11 +193,14 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _previews(engine: Engine, job: Job) -> AsyncIterator[tuple[Progress, str | None]]:
-    """The job's progress, with its preview (if any) as a base64 PNG rendered off the loop."""
+async def _previews(
+    engine: Engine, job: Job, steps: Container[int] | None = None
+) -> AsyncIterator[tuple[Progress, str | None]]:
+    """The job's progress, with its preview (if any, and only after the evaluations in `steps`
+    when given) as a base64 PNG rendered off the loop."""
     while (progress := await job.events.get()) is not None:
         preview = None
-        if progress.preview is not None:
+        if progress.preview is not None and (steps is None or progress.step in steps):
             png = await run_in_threadpool(engine.render_preview, job.params.model, progress.preview)
             preview = base64.b64encode(png).decode("ascii")
         yield progress, preview
@@ -211,22 +216,25 @@ async def _native_stream(engine: Engine, job: Job) -> AsyncIterator[bytes]:
     yield _sse("completed", _render_json(False, job, job.result.result()))
 
 
-async def _openai_stream(engine: Engine, job: Job) -> AsyncIterator[bytes]:
-    """OpenAI's image events (`openai_stream`): a partial image per preview, then one
-    completed event per image."""
+async def _openai_stream(engine: Engine, job: Job, partial_images: int = 0) -> AsyncIterator[bytes]:
+    """OpenAI's image events (`openai_stream`): partial images — `partial_images` of them at
+    evenly spaced evaluations, or else one per preview (`preview`) — then one completed event
+    per image."""
     p = job.params
-    async for progress, preview in _previews(engine, job):
-        if preview is not None:  # OpenAI's stream has partial images, no bare progress
-            event = PartialImageEvent(
-                b64_json=preview,
-                partial_image_index=progress.step - 1,
-                created_at=int(time.time()),
-                size=p.size,
-                id=p.request_id,
-                step=progress.step,
-                total=progress.total,
-            )
-            yield _sse(PARTIAL_IMAGE, event.model_dump())
+    indexes = partial_image_steps(p.nfe, partial_images) if partial_images else None
+    async for progress, preview in _previews(engine, job, indexes):
+        if preview is None:  # OpenAI's stream has partial images, no bare progress
+            continue
+        event = PartialImageEvent(
+            b64_json=preview,
+            partial_image_index=progress.step - 1 if indexes is None else indexes[progress.step],
+            created_at=int(time.time()),
+            size=p.size,
+            id=p.request_id,
+            step=progress.step,
+            total=progress.total,
+        )
+        yield _sse(PARTIAL_IMAGE, event.model_dump())
     result, info, created = job.result.result(), _info(job), int(time.time())
     for image in _images(result):
         event = CompletedEvent(
@@ -255,6 +263,7 @@ async def _generate(
     label: str | int | None,
     label_param: str,
     openai_shape: bool,
+    events: Callable[[Engine, Job], AsyncIterator[bytes]],
 ) -> Response:
     server = _state(request)
     engine, registry = server.ready_engine()
@@ -280,7 +289,7 @@ async def _generate(
     headers = {"X-Seed": str(params.seed), "X-Model": params.model}
     if params.stream:
         return StreamingResponse(
-            _event_stream(engine, job, _openai_stream if openai_shape else _native_stream),
+            _event_stream(engine, job, events),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -344,8 +353,15 @@ def create_app(settings: Settings) -> FastAPI:
         """`prompt` names a class of the model (omit it for unconditional generation).
         Accepts the extension fields `sampler`, `steps`, `guidance_scale`, `seed`,
         `sampler_options`, `output_format`, `timeout`, `stream` and `preview`. With `stream`
-        it sends OpenAI's image streaming events, which OpenAI's SDKs parse."""
-        return await _generate(request, body, body.prompt, "prompt", openai_shape=True)
+        it sends OpenAI's image streaming events, which OpenAI's SDKs parse; `partial_images`
+        (0–3) of them are previews of the first image at evenly spaced evaluations."""
+        partial_images = body.partial_images or 0
+        if partial_images:  # partial images are the job's previews, sent at chosen evaluations
+            body = body.model_copy(update={"preview": True})
+        events = functools.partial(_openai_stream, partial_images=partial_images)
+        return await _generate(
+            request, body, body.prompt, "prompt", openai_shape=True, events=events
+        )
 
     @app.post(
         "/v1/generate",
@@ -358,7 +374,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request) -> Response:
         """`label` is a class name or a class id. The response echoes every resolved
         parameter (the seed too) and the request's queue and total time."""
-        return await _generate(request, body, body.label, "label", openai_shape=False)
+        return await _generate(
+            request, body, body.label, "label", openai_shape=False, events=_native_stream
+        )
 
     @app.get(
         "/v1/models",

@@ -1,7 +1,8 @@
 """The event stream of `POST /v1/images/generations` with `stream: true`, in the shape of the
-OpenAI Images API, so its SDKs parse it: an `image_generation.partial_image` event per preview
-(only when previews are asked for) and an `image_generation.completed` event per image, each
-with the image as `b64_json` at the top level. The SSE event name equals the `type` field.
+OpenAI Images API, so its SDKs parse it: `image_generation.partial_image` events (previews of
+the first image: OpenAI's `partial_images` of them, or one per evaluation with our `preview`)
+and an `image_generation.completed` event per image, each with the image as `b64_json` at the
+top level. The SSE event name equals the `type` field.
 
 The fields OpenAI's events carry are all there (`usage` counts no tokens: there are none);
 our own ride along as extra fields, which the SDKs keep: `id`, `step` and `total` on partial
@@ -32,14 +33,26 @@ class _ImageEventFields(BaseModel):
 
 
 class PartialImageEvent(_ImageEventFields):
-    """A low-resolution PNG of the current prediction of the first image (`preview`)."""
+    """A low-resolution PNG of the current prediction of the first image."""
 
     type: Literal["image_generation.partial_image"] = PARTIAL_IMAGE
-    partial_image_index: int = Field(description="0-based; equals `step` - 1.")
+    partial_image_index: int = Field(
+        description="0-based: with `partial_images` k, 0..k-1; with `preview`, `step` - 1."
+    )
     output_format: Literal["png"] = "png"
     id: str = Field(description="Request id.")
     step: int = Field(description="Evaluations done, 1..total.")
     total: int = Field(description="Evaluations planned (nfe).")
+
+
+def partial_image_steps(nfe: int, partial_images: int) -> dict[int, int]:
+    """The evaluations (1-based) after which OpenAI's `partial_images` are sent, each mapped to
+    its `partial_image_index`. The nfe evaluations are split into k + 1 equal parts, k =
+    min(partial_images, nfe), and partial image i follows the evaluation that ends part i + 1:
+    evenly spaced, with the final image ending the last part (nfe = 10, k = 2: 4 and 7). With
+    k = nfe every evaluation sends one."""
+    k = min(partial_images, nfe)
+    return {-(-(i + 1) * nfe // (k + 1)): i for i in range(k)}
 
 
 class InputTokensDetails(BaseModel):

@@ -39,7 +39,6 @@ _OPENAI_DEFAULTS_ONLY: dict[str, tuple[tuple, str]] = {
     "background": (("auto", "opaque"), "images have no alpha channel"),
     "moderation": (("auto",), "this server does not moderate prompts"),
     "output_compression": ((100,), "images are encoded losslessly"),
-    "partial_images": ((0,), "for intermediate images use stream with preview"),
 }
 
 
@@ -166,8 +165,13 @@ class ImagesRequest(SamplingFields):
     output_compression: Literal[100] | None = Field(
         None, description="OpenAI: only 100 (images are encoded losslessly)."
     )
-    partial_images: Literal[0] | None = Field(
-        None, description="OpenAI: only 0; for intermediate images use `stream` with `preview`."
+    partial_images: int | None = Field(
+        None,
+        ge=0,
+        le=3,
+        description="With `stream`: how many partial images (previews of the first image) to "
+        "send before the final images, at evenly spaced evaluations; at most one per "
+        "evaluation. 0: none. Not together with `preview`, which sends one per evaluation.",
     )
 
     @field_validator(*_OPENAI_DEFAULTS_ONLY, mode="before")
@@ -180,6 +184,22 @@ class ImagesRequest(SamplingFields):
         raise _unsupported(
             value, f"{reason}; omit it" + (f" or use {alternatives}" if accepted else "")
         )
+
+    @field_validator("partial_images")
+    @classmethod
+    def _partial_images_in_a_stream(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # `stream` and `preview` come first, so they are in `info.data` if they were valid.
+        if value is not None and info.data.get("preview"):
+            raise PydanticCustomError(
+                "conflict",
+                "set partial_images or preview, not both: preview sends a partial image per "
+                "evaluation, partial_images that many in all",
+            )
+        if value and not info.data.get("stream"):
+            raise PydanticCustomError(
+                "needs_stream", "partial images are sent as stream events; set stream: true"
+            )
+        return value
 
 
 class GenerateRequest(SamplingFields):
