@@ -26,6 +26,7 @@ from torch import nn
 
 from denoised.models.dit import DiT, DiTConfig
 from denoised.models.process import Process, process_from_config
+from denoised.models.samplers import SAMPLER_NAMES
 from denoised.models.unet import UNet, UNetConfig
 from denoised.models.vae import VAEConfig, VAEDecoder
 
@@ -34,6 +35,8 @@ WEIGHTS_FILE = "model.safetensors"
 VAE_WEIGHTS_FILE = "vae.safetensors"
 FORMAT = "denoised.model/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+DEFAULT_KEYS = ("sampler", "steps", "guidance_scale", "size")  # config.json's "defaults"
+MAX_GUIDANCE_SCALE = 100.0  # the API's bound on guidance_scale
 
 # family -> (backbone class, architecture config class). SiT is DiT with a flow process.
 BACKBONES: dict[str, tuple[type[nn.Module], type]] = {
@@ -125,31 +128,54 @@ def load_weights(
         raise RuntimeError(f"{type(module).__name__} has tensors no file provides: {left}")
 
 
-def refuse_pickle(path: Path) -> None:
-    hint = (
-        "pickle files are not loaded at serve time because unpickling can run arbitrary code; "
-        "convert it once with `denoised convert {src} <output-dir>` and serve the output directory"
-    )
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-        raise ValueError(f"{path} is a pickle checkpoint: " + hint.format(src=path))
-    if path.is_dir() and not (path / WEIGHTS_FILE).exists():
+CONVERT_HINT = (
+    "convert it once with `denoised convert {src} <output-dir>` and serve the output directory"
+)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """`path` when it is a model directory (a folder with config.json), else a ValueError that
+    says what it is instead and what to do: a pickle checkpoint or a folder of them (never
+    unpickled: that can run arbitrary code), a diffusers pipeline folder, a lone weights file,
+    a missing path. The one diagnosis `load_model_dir` and `denoised serve` share."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"{path} is a pickle checkpoint: pickle files are not loaded at serve time "
+                "because unpickling can run arbitrary code; " + CONVERT_HINT.format(src=path)
+            )
+        if path.suffix == ".safetensors":
+            raise ValueError(
+                f"{path} is a weights file, not a model directory ({CONFIG_FILE} + "
+                f"{WEIGHTS_FILE}); `denoised convert` makes one from an original .pt "
+                "checkpoint or a diffusers pipeline folder"
+            )
+        raise ValueError(
+            f"{path} is a file, not a model directory (a folder with {CONFIG_FILE} and "
+            f"{WEIGHTS_FILE})"
+        )
+    if not path.is_dir():
+        raise ValueError(f"model directory {path} does not exist")
+    if not (path / WEIGHTS_FILE).exists():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise ValueError(
                 f"{path} holds pickle checkpoints ({', '.join(pickles)}) and no {WEIGHTS_FILE}: "
-                + hint.format(src=path / pickles[0])
+                "pickle files are not loaded at serve time because unpickling can run "
+                "arbitrary code; " + CONVERT_HINT.format(src=path / pickles[0])
             )
         if (path / "model_index.json").exists():
             raise ValueError(
-                f"{path} is a diffusers pipeline folder; convert it with "
-                f"`denoised convert {path} <output-dir>`"
+                f"{path} is a diffusers pipeline folder; " + CONVERT_HINT.format(src=path)
             )
+    if not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"{path} is not a model directory: {CONFIG_FILE} is missing")
+    return path
 
 
 def read_config(path: Path) -> dict:
     file = path / CONFIG_FILE
-    if not file.is_file():
-        raise ValueError(f"{path} is not a model directory: {CONFIG_FILE} is missing")
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -158,6 +184,45 @@ def read_config(path: Path) -> dict:
         if key not in config:
             raise ValueError(f"{file} lacks the required key {key!r}")
     return config
+
+
+def check_defaults(defaults: object, guided_channels: int, size: str) -> None:
+    """ValueError naming every bad `defaults.<key>` of a config (the serving defaults the API
+    applies when a request leaves a field out), so a bad one fails this model's load and not
+    the requests or warm-up of a running server."""
+    if defaults is None:
+        return
+    if not isinstance(defaults, dict):
+        raise ValueError(f"defaults must be an object {{{', '.join(DEFAULT_KEYS)}}}")
+    problems = [
+        f"defaults.{key} is not a serving default (allowed: {', '.join(DEFAULT_KEYS)})"
+        for key in defaults
+        if key not in DEFAULT_KEYS
+    ]
+    if "sampler" in defaults and defaults["sampler"] not in SAMPLER_NAMES:
+        problems.append(
+            f"defaults.sampler must be one of {', '.join(SAMPLER_NAMES)}, "
+            f"got {defaults['sampler']!r}"
+        )
+    steps = defaults.get("steps", 1)
+    if type(steps) is not int or steps < 1:
+        problems.append(f"defaults.steps must be an integer ≥ 1, got {steps!r}")
+    scale = defaults.get("guidance_scale", 1.0)
+    if type(scale) not in (int, float) or not 0 <= scale <= MAX_GUIDANCE_SCALE:
+        problems.append(
+            f"defaults.guidance_scale must be a number in 0..{MAX_GUIDANCE_SCALE:g}, got {scale!r}"
+        )
+    elif scale != 1 and not guided_channels:
+        problems.append(
+            f"defaults.guidance_scale is {scale:g} but the model cannot be guided "
+            "(guided_channels 0); use 1 or leave it out"
+        )
+    if defaults.get("size", size) not in (size, "auto"):
+        problems.append(
+            f"defaults.size must be the model's native size {size!r}, got {defaults['size']!r}"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
@@ -185,11 +250,13 @@ def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
             f"the VAE takes {vae.config.latent_channels} latent channels; "
             f"the backbone makes {channels}"
         )
+    image_size = side * (vae.config.downscale if vae is not None else 1)
+    check_defaults(config.get("defaults"), guided, f"{image_size}x{image_size}")
     return {
         "class_names": class_names,
         "num_classes": num_classes,
         "latent_shape": (channels, side, side),
-        "image_size": side * (vae.config.downscale if vae is not None else 1),
+        "image_size": image_size,
         "out_channels_used": channels,
         "guided_channels": guided,
     }
@@ -221,15 +288,21 @@ def save_model_dir(
     config = {"format": FORMAT, **config}
     describe(config, backbone, vae)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(backbone.state_dict()), path / WEIGHTS_FILE)
+    _write_weights(backbone, path / WEIGHTS_FILE)
     if vae is not None:
-        save_file(_contiguous(vae.state_dict()), path / VAE_WEIGHTS_FILE)
+        _write_weights(vae, path / VAE_WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 
-def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+def _write_weights(module: nn.Module, file: Path) -> None:
+    """`module`'s tensors as a safetensors file with the mode any new file gets (0666 less the
+    umask, like config.json): `save_file` makes it 0600, which a container running as another
+    uid cannot read from a mounted model directory."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, file)
+    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
 
 
 def load_model_dir(
@@ -239,14 +312,12 @@ def load_model_dir(
 ) -> LoadedModel:
     """Load a model directory in eval mode on `device` in `dtype` (the VAE too).
 
-    ValueError, before any weights are copied, when the directory is a pickle checkpoint or
-    a diffusers folder, when config.json is invalid, or when the weights do not match the
-    architecture exactly (every missing/unexpected key and shape mismatch is listed).
+    ValueError, before any weights are copied, when the path is not a model directory (see
+    `check_model_dir`), when config.json is invalid (its `defaults` included), or when the
+    weights do not match the architecture exactly (every missing/unexpected key and shape
+    mismatch is listed).
     """
-    path = Path(path)
-    refuse_pickle(path)
-    if not path.is_dir():
-        raise ValueError(f"model directory {path} does not exist")
+    path = check_model_dir(path)
     config = read_config(path)
     process = process_from_config(config["process"])
     # Built on the meta device: the file's tensors become the parameters, so nothing is
@@ -254,7 +325,10 @@ def load_model_dir(
     with torch.device("meta"):
         backbone = build_backbone(config["family"], config["architecture"])
         vae = VAEDecoder(VAEConfig.from_dict(config["vae"])) if config.get("vae") else None
-    facts = describe(config, backbone, vae)
+    try:
+        facts = describe(config, backbone, vae)
+    except ValueError as e:
+        raise ValueError(f"{path / CONFIG_FILE}: {e}") from None
     weights = path / WEIGHTS_FILE
     load_weights(backbone, read_safetensors(weights), str(weights), dtype)
     backbone = backbone.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,6 +1,8 @@
 """Model directories: round trips, and loud, specific refusals of anything inexact or unsafe."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from denoised.models.checkpoint import (
     CONFIG_FILE,
     VAE_WEIGHTS_FILE,
     WEIGHTS_FILE,
+    check_model_dir,
     load_model_dir,
     save_model_dir,
 )
@@ -189,3 +192,97 @@ def test_save_validates(tmp_path):
             tmp_path / "b", DiT(TINY_DIT), {"process": DDPM_LINEAR_PROCESS, "guided_channels": 5}
         )
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "defaults, message",
+    [
+        ({"sampler": "dpm++"}, r"defaults\.sampler must be one of ddim, .*got 'dpm\+\+'"),
+        ({"steps": -3}, r"defaults\.steps must be an integer ≥ 1, got -3"),
+        ({"steps": "20"}, r"defaults\.steps must be an integer ≥ 1, got '20'"),
+        ({"steps": True}, r"defaults\.steps must be an integer ≥ 1, got True"),
+        ({"guidance_scale": "x"}, r"defaults\.guidance_scale must be a number in 0\.\.100"),
+        ({"guidance_scale": 101}, r"defaults\.guidance_scale must be a number in 0\.\.100"),
+        ({"size": "64x64"}, r"defaults\.size must be the model's native size '16x16'"),
+        ({"eta": 1.0}, r"defaults\.eta is not a serving default \(allowed: sampler, steps"),
+        (["dpmpp-2m"], r"defaults must be an object"),
+    ],
+)
+def test_bad_defaults_refused_naming_dir_and_key(model_dir, defaults, message):
+    path = model_dir[0]
+    config = json.loads((path / CONFIG_FILE).read_text())
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "defaults": defaults}))
+    with pytest.raises(ValueError, match=rf"^{path / CONFIG_FILE}: {message}"):
+        load_model_dir(path)
+
+
+def test_every_bad_default_reported_together(model_dir):
+    path = model_dir[0]
+    config = json.loads((path / CONFIG_FILE).read_text())
+    bad = {"sampler": "dpm++", "steps": -3, "guidance_scale": "x"}
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "defaults": bad}))
+    with pytest.raises(ValueError) as info:
+        load_model_dir(path)
+    assert [p.split(" ")[0] for p in str(info.value).split(": ", 1)[1].split("; ")] == [
+        "defaults.sampler",
+        "defaults.steps",
+        "defaults.guidance_scale",
+    ]
+
+
+def test_good_defaults_load(model_dir):
+    path = model_dir[0]
+    config = json.loads((path / CONFIG_FILE).read_text())
+    good = {"sampler": "heun", "steps": 7, "guidance_scale": 2.5, "size": "16x16"}
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "defaults": good}))
+    assert load_model_dir(path).config["defaults"] == good
+
+
+def test_guidance_default_refused_on_a_model_that_cannot_be_guided(tmp_path):
+    config = {"process": DDPM_LINEAR_PROCESS, "guided_channels": 0}
+    with pytest.raises(ValueError, match=r"defaults\.guidance_scale is 2 but the model cannot"):
+        save_model_dir(tmp_path / "g", DiT(TINY_DIT), {**config, "defaults": {"guidance_scale": 2}})
+    save_model_dir(tmp_path / "g", DiT(TINY_DIT), {**config, "defaults": {"guidance_scale": 1}})
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt", ".bin"])
+def test_checkpoint_file_named_as_a_file_with_the_convert_command(tmp_path, suffix):
+    file = tmp_path / f"weights{suffix}"
+    torch.save({}, file)
+    message = rf"{file} is a pickle checkpoint.*denoised convert {file}"
+    with pytest.raises(ValueError, match=message):
+        check_model_dir(file)
+
+
+def test_other_files_are_named_as_files(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, weights)
+    with pytest.raises(ValueError, match=r"is a weights file, not a model directory.*convert"):
+        load_model_dir(weights)
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    with pytest.raises(ValueError, match=rf"^{config} is a file, not a model directory"):
+        load_model_dir(config)
+    with pytest.raises(ValueError, match=r"model directory .*absent does not exist"):
+        load_model_dir(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty is not a model directory: config\.json is"):
+        load_model_dir(tmp_path / "empty")
+
+
+def test_check_model_dir_accepts_a_model_dir(model_dir):
+    assert check_model_dir(str(model_dir[0])) == model_dir[0]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_weights_get_the_mode_of_other_new_files(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = save_model_dir(
+            tmp_path / "m", DiT(TINY_DIT), {"process": DDPM_LINEAR_PROCESS}, VAEDecoder(TINY_VAE)
+        )
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    expected = 0o666 & ~umask
+    assert modes == {CONFIG_FILE: expected, WEIGHTS_FILE: expected, VAE_WEIGHTS_FILE: expected}
