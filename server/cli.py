@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from denoised.server.settings import BATCHING_MODES, DEVICES, DTYPES, settings_from_env
 
@@ -99,10 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_env(**args)
     except ValueError as exc:
         parser.error(str(exc))
-    for directory in settings.models:
-        if not (Path(directory) / "config.json").is_file():
-            parser.error(f"{directory} is not a model directory (no config.json)")
+    from denoised.models.checkpoint import check_model_dir
     from denoised.server.launcher import serve
+
+    for directory in settings.models:
+        try:
+            check_model_dir(directory)
+        except ValueError as exc:
+            parser.error(str(exc))
 
     serve(settings)
     return 0

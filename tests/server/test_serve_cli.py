@@ -1,15 +1,47 @@
 """The `denoised` command line: flags reach the settings, bad input stops with a message."""
 
 import pytest
+import torch
 
+from denoised.models.checkpoint import load_model_dir
 from denoised.server.cli import main
 
 
-def test_serve_refuses_a_directory_without_config(tmp_path, capsys):
+def refusal(capsys, path) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        main(["serve", "--model", str(tmp_path)])
+        main(["serve", "--model", str(path)])
     assert exit_info.value.code == 2
-    assert "is not a model directory (no config.json)" in capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_serve_refuses_a_directory_without_config(tmp_path, capsys):
+    assert f"{tmp_path} is not a model directory: config.json is missing" in refusal(
+        capsys, tmp_path
+    )
+
+
+def test_serve_gives_the_loaders_hint_for_what_the_path_is(tmp_path, capsys):
+    checkpoint = tmp_path / "DiT-XL-2-256x256.pt"
+    torch.save({}, checkpoint)
+    err = refusal(capsys, checkpoint)
+    assert f"{checkpoint} is a pickle checkpoint" in err
+    assert f"`denoised convert {checkpoint} <output-dir>`" in err
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    torch.save({}, pickles / "pytorch_model.bin")
+    assert "holds pickle checkpoints (pytorch_model.bin)" in refusal(capsys, pickles)
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    err = refusal(capsys, pipeline)
+    assert f"{pipeline} is a diffusers pipeline folder" in err
+    assert f"`denoised convert {pipeline} <output-dir>`" in err
+    assert "does not exist" in refusal(capsys, tmp_path / "absent")
+    # Each message is the loader's own: the CLI adds no diagnosis of its own.
+    for path in (checkpoint, pickles, pipeline, tmp_path / "absent"):
+        with pytest.raises(ValueError) as info:
+            load_model_dir(path)
+        assert str(info.value) in refusal(capsys, path)
 
 
 def test_bad_setting_values_are_usage_errors(capsys, monkeypatch):
