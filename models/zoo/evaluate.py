@@ -9,15 +9,20 @@ the same `create_sampler` / `sample` path the tests use, loaded through `load_mo
 judge (`judge.py`, trained on the training split) classifies them — accuracy is the share
 classified as the label asked for — and its features give the Fréchet distance to the
 held-out real digits. The floor row compares the held-out digits with the training digits.
-Rows are appended to `eval/<model>.json` as they finish (re-runs skip rows already there; one
-process per model can run in parallel), and the table in docs/zoo.md between the markers below
-is rewritten from those files.
+Rows are saved to `eval/<model>.json` as they finish (one process per model can run in
+parallel), and the table in docs/zoo.md between the markers below is rewritten from those
+files. Each row records the SHA-256 of the model's and the judge's weights; a re-run reuses a
+saved row only if its sample count and both hashes match the current ones (rows saved before
+the hashes were recorded count as computed from the weights in `hashes.json`, which the
+shipped table was), replaces it otherwise, and says how many rows it reused. `--recompute`
+runs every planned row again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,8 +32,16 @@ import torch
 from denoised.models.checkpoint import LoadedModel, load_model_dir
 from denoised.models.samplers import SAMPLER_NAMES, create_sampler, sample
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
+from denoised.models.zoo.cli import positive_int
 from denoised.models.zoo.data import load_digits_split
-from denoised.models.zoo.judge import frechet_distance, judge_images, load_judge
+from denoised.models.zoo.hashes import HASHES_PATH, file_hash, recorded_hashes
+from denoised.models.zoo.judge import (
+    FEATURES,
+    JUDGE_DIR,
+    frechet_distance,
+    judge_images,
+    load_judge,
+)
 
 NFES = (5, 10, 20, 50)
 GUIDANCE = (1.0, 2.0, 4.0)
@@ -39,6 +52,10 @@ SPOT_NFES = (10, 20)
 SPOT_GUIDANCE = (2.0,)
 RESULTS_DIR = ZOO_DIR / "eval"
 DOC_PATH = ZOO_DIR.parents[1] / "docs" / "zoo.md"
+SAMPLES = 1000  # per row, as documented; fewer gives noisier, upward-biased distances
+# The Fréchet distance fits a 64-d covariance: with no more samples than features it is
+# singular, so a row needs at least FEATURES + 1 (and should have many more).
+MIN_SAMPLES = FEATURES + 1
 BEGIN, END = "<!-- zoo-eval:begin -->", "<!-- zoo-eval:end -->"
 
 
@@ -96,17 +113,51 @@ def floor_row(judge, split, held_out: np.ndarray) -> dict:
     }
 
 
-def evaluate(rows, samples: int, results_dir: Path = RESULTS_DIR, zoo_dir: Path = ZOO_DIR) -> None:
+def weight_hashes(name: str, zoo_dir: Path = ZOO_DIR, judge_dir: Path = JUDGE_DIR) -> dict:
+    """The hashes a row of model `name` records: its weights and the judge's."""
+    return {
+        "model_sha256": file_hash(zoo_dir / name / "model.safetensors"),
+        "judge_sha256": file_hash(judge_dir / "model.safetensors"),
+    }
+
+
+def row_hashes(row: dict, shipped: dict[str, str]) -> dict:
+    """A saved row's weight hashes; rows saved before they were recorded take those of
+    `shipped` (hashes.json), the weights the shipped table was computed from."""
+    return {
+        "model_sha256": row.get("model_sha256", shipped.get(f"{row['model']}/model.safetensors")),
+        "judge_sha256": row.get("judge_sha256", shipped.get("judge/model.safetensors")),
+    }
+
+
+def evaluate(
+    rows,
+    samples: int,
+    results_dir: Path = RESULTS_DIR,
+    zoo_dir: Path = ZOO_DIR,
+    recompute: bool = False,
+    hashes_path: Path = HASHES_PATH,
+) -> int:
+    """Run the planned `rows` (model, sampler, nfe, guidance) and save them; returns how many
+    saved rows were reused (same sample count and weight hashes) instead of run."""
+    if samples < MIN_SAMPLES:
+        raise ValueError(f"samples must be at least {MIN_SAMPLES} (judge features + 1)")
     split, judge = load_digits_split(), load_judge()
     held_out, _ = judge_images(judge, split.held_out_x)
     floor = floor_row(judge, split, held_out)
+    shipped = recorded_hashes(hashes_path) if hashes_path.exists() else {}
     results_dir.mkdir(exist_ok=True)
     models: dict[str, LoadedModel] = {}
+    reused = 0
     for name, sampler, nfe, w in rows:
         path = results_dir / f"{name}.json"
         results = json.loads(path.read_text()) if path.exists() else {"rows": []}
         results["floor"] = floor
-        if (name, sampler, nfe, w) in {row_key(r) for r in results["rows"]}:
+        hashes = weight_hashes(name, zoo_dir)
+        saved = [r for r in results["rows"] if row_key(r) == (name, sampler, nfe, w)]
+        fresh = [r for r in saved if r["samples"] == samples and row_hashes(r, shipped) == hashes]
+        if fresh and not recompute:
+            reused += 1
             continue
         if name not in models:
             models[name] = load_model_dir(zoo_dir / name)
@@ -118,15 +169,16 @@ def evaluate(rows, samples: int, results_dir: Path = RESULTS_DIR, zoo_dir: Path 
             "model": name, "sampler": sampler, "nfe": nfe, "guidance": w,
             "evaluations": evaluations, "samples": samples,
             "accuracy": (pred == labels).float().mean().item(),
-            "frechet": frechet_distance(features, held_out), "seconds": seconds,
+            "frechet": frechet_distance(features, held_out), "seconds": seconds, **hashes,
         }  # fmt: skip
-        results["rows"].append(row)
+        results["rows"] = [r for r in results["rows"] if r not in saved] + [row]
         path.write_text(json.dumps(results, indent=1) + "\n")
         print(
             f"{name:12s} {sampler:12s} nfe {nfe:2d} (evals {evaluations:2d}) w {w:g}: "
             f"acc {row['accuracy']:.3f}  FD {row['frechet']:7.2f}  {seconds:6.1f} s",
             flush=True,
         )
+    return reused
 
 
 # The issue's targets: class accuracy at 20 NFE with the recommended sampler (guidance <= 4)
@@ -204,21 +256,47 @@ def write_doc(results: dict, doc_path: Path = DOC_PATH) -> None:
     doc_path.write_text(f"{head}{BEGIN}\n{render_table(results)}\n{END}{tail}")
 
 
+def sample_count(text: str) -> int:
+    """argparse type for --samples: enough rows for a non-singular feature covariance."""
+    value = positive_int(text)
+    if value < MIN_SAMPLES:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_SAMPLES}: the Fréchet distance fits a {FEATURES}-d "
+            f"covariance, singular with {value} samples (the documented table uses {SAMPLES})"
+        )
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(ZOO_MODELS), choices=ZOO_MODELS)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
-    parser.add_argument("--nfe", nargs="+", type=int, default=list(NFES))
+    parser.add_argument("--nfe", nargs="+", type=positive_int, default=list(NFES))
     parser.add_argument("--guidance", nargs="+", type=float, default=list(GUIDANCE))
-    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument(
+        "--samples", type=sample_count, default=SAMPLES, help=f"per row (≥ {MIN_SAMPLES})"
+    )
     parser.add_argument("--full", action="store_true", help="every sampler on the whole grid")
+    parser.add_argument(
+        "--recompute", action="store_true", help="run every planned row, even if saved"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="per-model JSON dir")
     parser.add_argument("--doc", type=Path, default=DOC_PATH, help="markdown file to update")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.samples < SAMPLES:
+        print(
+            f"warning: {args.samples} samples per row (documented: {SAMPLES}); the Fréchet "
+            "distance is noisier and biased upward, and these rows replace the saved ones",
+            file=sys.stderr,
+        )
     torch.set_num_threads(args.threads)
     rows = plan_rows(args.models, args.samplers, args.nfe, args.guidance, args.full)
-    evaluate(rows, args.samples, args.results)
+    reused = evaluate(rows, args.samples, args.results, recompute=args.recompute)
+    if reused:
+        print(f"reused {reused} cached rows (same samples and weights; --recompute runs them)")
     if args.doc.exists():
         write_doc(load_results(args.results), args.doc)
 

@@ -5,11 +5,13 @@ against). Its 64-d penultimate pre-activations are the feature space of the Fré
 (Heusel et al., 2017, with this classifier in place of Inception): the distance between two
 Gaussians fitted to the features of two image sets.
 
-    python -m denoised.models.zoo.judge        # retrain and rewrite models/zoo/judge/
+    python -m denoised.models.zoo.judge            # the shipped judge's held-out accuracy
+    python -m denoised.models.zoo.judge --train    # retrain and rewrite models/zoo/judge/
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from scipy import linalg
 from torch import nn
 
+from denoised.models.zoo.cli import positive_int
 from denoised.models.zoo.data import load_digits_split
 
 JUDGE_DIR = Path(__file__).parent / "judge"
@@ -95,26 +98,52 @@ def judge_images(judge: DigitJudge, x: torch.Tensor, batch_size: int = 1024):
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """‖μa − μb‖² + Tr(Σa + Σb − 2(ΣaΣb)^½) between Gaussians fitted to feature rows."""
+    """‖μa − μb‖² + Tr(Σa + Σb − 2(ΣaΣb)^½) between Gaussians fitted to feature rows.
+
+    Each set needs more rows than features: with fewer the covariance is singular and the
+    distance says more about the sample count than about the samples."""
+    for name, rows in (("a", a), ("b", b)):
+        if rows.shape[0] <= rows.shape[1]:
+            raise ValueError(
+                f"Fréchet distance needs more samples than features ({rows.shape[1]}); "
+                f"set {name} has {rows.shape[0]}"
+            )
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(cov_a @ cov_b).real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * covmean))
 
 
-def main() -> None:
-    start = time.perf_counter()
-    judge = train_judge()
-    seconds = time.perf_counter() - start
+def held_out_accuracy(judge: DigitJudge) -> float:
     split = load_digits_split()
     _, preds = judge_images(judge, split.held_out_x)
-    accuracy = (preds == split.held_out_y).float().mean().item()
-    JUDGE_DIR.mkdir(exist_ok=True)
+    return (preds == split.held_out_y).float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--train", action="store_true", help="retrain the judge and write its directory"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=40, help="with --train")
+    parser.add_argument("--out", type=Path, default=JUDGE_DIR, help="judge directory")
+    args = parser.parse_args(argv)
+    if not args.train:
+        accuracy = held_out_accuracy(load_judge(args.out))
+        print(f"judge in {args.out}: held-out accuracy {accuracy:.4f}")
+        return
+    start = time.perf_counter()
+    judge = train_judge(epochs=args.epochs)
+    seconds = time.perf_counter() - start
+    accuracy = held_out_accuracy(judge)
+    args.out.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()},
-              JUDGE_DIR / "model.safetensors")  # fmt: skip
+              args.out / "model.safetensors")  # fmt: skip
     info = {"held_out_accuracy": round(accuracy, 4), "train_seconds": round(seconds, 1)}
-    (JUDGE_DIR / "config.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"judge: held-out accuracy {accuracy:.4f} ({seconds:.0f} s)")
+    (args.out / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"judge: held-out accuracy {accuracy:.4f} ({seconds:.0f} s), wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from torch import nn
 from denoised.models.checkpoint import build_backbone, save_model_dir
 from denoised.models.dit import DiT
 from denoised.models.process import FlowProcess, Process, VPProcess, process_from_config
+from denoised.models.zoo.cli import positive_int
 from denoised.models.zoo.data import CLASS_NAMES, DigitsSplit, load_digits_split
 
 ZOO_DIR = Path(__file__).parent
@@ -185,8 +186,10 @@ def train_recipe(
 ) -> Path:
     """Train the recipe `name` and write its model directory (EMA weights stored in fp16),
     loss curve (loss.csv, loss.png) and training record (training.json) under out_dir/name."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
     recipe = load_recipes()[name]
-    settings = TrainSettings(**{**recipe["train"], **({"steps": steps} if steps else {})})
+    settings = TrainSettings(**{**recipe["train"], **({} if steps is None else {"steps": steps})})
     torch.manual_seed(settings.seed)
     backbone = build_backbone(recipe["family"], recipe["architecture"])
     if isinstance(backbone, DiT):
@@ -228,18 +231,21 @@ def train_recipe(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="recipes to train (default: all)")
-    parser.add_argument("--steps", type=int, help="override the recipe's step count")
+    parser.add_argument("--steps", type=positive_int, help="override the recipe's step count")
     parser.add_argument("--out", type=Path, default=ZOO_DIR, help="parent of the model dirs")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     parser.add_argument(
-        "--snapshot-every", type=int, help="also write the model dir every N steps while training"
+        "--snapshot-every",
+        type=positive_int,
+        help="also write the model dir every N steps while training",
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     recipes = load_recipes()
+    unknown = [name for name in args.names if name not in recipes]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(recipes)}")
+    torch.set_num_threads(args.threads)
     for name in args.names or list(recipes):
-        if name not in recipes:
-            raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(recipes)}")
         train_recipe(name, args.out, args.steps, args.snapshot_every)
 
 
