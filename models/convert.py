@@ -9,7 +9,8 @@ Sources:
   per-block copies of the timestep/label embedders must be equal (one copy is kept).
 * a diffusers `DDPMPipeline` folder (`unet/`, `scheduler/`).
 
-The scheduler config becomes the model's process definition and `id2label` its class names.
+The scheduler config becomes the model's process definition and `id2label` its class names
+(unless class names are given). The output directory must be new or empty unless `force`.
 """
 
 from __future__ import annotations
@@ -17,18 +18,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import torch
 
-from denoised.models.checkpoint import load_weights, read_safetensors, save_model_dir
+from denoised.models.checkpoint import (
+    CONFIG_FILE,
+    VAE_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    load_weights,
+    read_safetensors,
+    save_model_dir,
+)
 from denoised.models.dit import DIT_SIZES, DiT, DiTConfig
 from denoised.models.embeddings import sincos_2d
 from denoised.models.presets import DDPM_LINEAR_PROCESS, ORIGINAL_DIT_GUIDED_CHANNELS, SIT_PROCESS
+from denoised.models.process import VP_SCHEDULES
 from denoised.models.unet import UNet, UNetConfig
 from denoised.models.vae import VAEConfig, VAEDecoder, vae_decoder_state_dict
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+# The files a model directory consists of (what `save_model_dir` writes).
+MODEL_DIR_FILES = (CONFIG_FILE, WEIGHTS_FILE, VAE_WEIGHTS_FILE)
+# Model ids: they appear in URLs, JSON and metrics labels, so plain characters only.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_FAMILY_NAMES = {"dit": "DiT", "sit": "SiT"}
+
+
+class UsageError(ValueError):
+    """The command line asks for something impossible, before any checkpoint is read."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +154,20 @@ def dit_from_original_state_dict(
     """Infer the `DiTConfig` of an original DiT/SiT state dict, check and drop `pos_embed`.
 
     Heads default from the paper's sizes (by hidden width); the latent size comes from the
-    stored position table unless given.
+    stored position table (a given size must agree with it), or must be given without one.
     """
     state = dict(state)
     proj = state.get("x_embedder.proj.weight")
     if proj is None:
         raise ValueError("not a DiT/SiT state dict: x_embedder.proj.weight is missing")
+    if "y_embedder.embedding_table.weight" not in state:
+        raise ValueError(
+            "the state dict has no y_embedder.embedding_table.weight: unconditional DiT/SiT "
+            "checkpoints are not supported (the DiT backbone is class-conditional)"
+        )
+    for key in ("final_layer.linear.weight", "blocks.0.mlp.fc1.weight"):
+        if key not in state:
+            raise ValueError(f"not a complete DiT/SiT state dict: {key} is missing")
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = sum(1 for k in state if k.startswith("blocks.") and k.endswith(".attn.qkv.weight"))
     if num_heads is None:
@@ -147,11 +175,21 @@ def dit_from_original_state_dict(
         if hidden not in by_width:
             raise ValueError(f"hidden size {hidden} is not a named DiT size; pass the head count")
         num_heads = by_width[hidden]
+    if num_heads <= 0 or hidden % num_heads:
+        raise ValueError(f"{num_heads} attention heads do not divide the hidden size {hidden}")
+    if input_size is not None and (input_size <= 0 or input_size % patch):
+        raise ValueError(
+            f"latent size {input_size} is not a positive multiple of the patch {patch}"
+        )
     pos_embed = state.pop("pos_embed", None)
     if pos_embed is not None:
         grid = math.isqrt(pos_embed.shape[-2])
-        if input_size is None:
-            input_size = grid * patch
+        if input_size not in (None, grid * patch):
+            raise ValueError(
+                f"latent size {input_size} disagrees with the stored pos_embed, which is for "
+                f"{grid * patch} ({grid}x{grid} patches of {patch})"
+            )
+        input_size = grid * patch
         expected = sincos_2d(hidden, grid, grid)
         if pos_embed.reshape(-1, hidden).shape != expected.shape or not torch.allclose(
             pos_embed.reshape(-1, hidden).float(), expected, atol=1e-5
@@ -177,11 +215,33 @@ def dit_from_original_state_dict(
 
 
 def read_original_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of an original `.pt` file, read weights-only; a training checkpoint's EMA."""
+    """Tensors of an original `.pt` file, read weights-only; a training checkpoint's EMA.
+
+    DiT's and SiT's train.py save `{"model", "ema", "opt", "args"}` with `args` an
+    `argparse.Namespace`, which the weights-only unpickler is told to allow: rebuilding one
+    only creates an empty attribute bag and sets attributes on it (no `__setstate__`, no
+    `__reduce__` side effects), and the attribute values still pass the same unpickler, so
+    nothing but tensors and plain containers can be created and no code runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; files from torch < 1.6 are a bare pickle (protocol 2+).
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise ValueError(f"{path} is not a torch checkpoint (neither a zip archive nor a pickle)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names what it refused
+        why = (
+            f"it holds a {found.group(1)} object, which a weights-only load does not create"
+            if found
+            else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        )
+        raise ValueError(f"cannot read {path} as a torch checkpoint: {why}") from None
     if isinstance(obj, dict) and "ema" in obj:
         obj = obj["ema"]
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -263,10 +323,27 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
 
 
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
+# Scheduler settings that change the trained model's noise process: a value other than the
+# one given here would convert to a different process, so it is refused.
+_PROCESS_SETTINGS = {"rescale_betas_zero_snr": False, "use_dynamic_shifting": False}
+# Scheduler settings that only shape sampling, which the samplers decide themselves and which
+# are therefore not carried over (docs/models.md): variance_type (the ancestral step's noise),
+# clip_sample/clip_sample_range and thresholding/dynamic_thresholding_ratio/sample_max_value
+# (x0 clipping, which no sampler does: docs/samplers.md), timestep_spacing/steps_offset/
+# set_alpha_to_one (the sampling grid), use_karras_sigmas and other grid options.
 
 
 def process_from_scheduler_config(cfg: dict) -> dict:
-    """The process definition a diffusers scheduler config describes."""
+    """The process definition a diffusers scheduler config describes.
+
+    ValueError naming the key for settings that change the process and have no equivalent.
+    """
+    for key, plain in _PROCESS_SETTINGS.items():
+        if cfg.get(key, plain) not in (plain, None):
+            raise ValueError(
+                f"scheduler {key}={cfg[key]!r} is not supported: it changes the noise "
+                "process the model was trained with"
+            )
     name = cfg.get("_class_name", "")
     steps = cfg.get("num_train_timesteps", 1000)
     if name.startswith("FlowMatch"):
@@ -281,10 +358,19 @@ def process_from_scheduler_config(cfg: dict) -> dict:
         raise ValueError("schedulers with explicit trained_betas are not supported")
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in _PREDICTIONS:
-        raise ValueError(f"unsupported scheduler prediction_type {prediction!r}")
+        raise ValueError(
+            f"unsupported scheduler prediction_type {prediction!r}; "
+            f"supported: {', '.join(_PREDICTIONS)}"
+        )
+    schedule = cfg.get("beta_schedule", "linear")
+    if schedule not in VP_SCHEDULES:
+        raise ValueError(
+            f"unsupported scheduler beta_schedule {schedule!r}; "
+            f"supported: {', '.join(VP_SCHEDULES)}"
+        )
     return {
         "type": "vp",
-        "schedule": cfg.get("beta_schedule", "linear"),
+        "schedule": schedule,
         "beta_start": cfg.get("beta_start", 0.0001),
         "beta_end": cfg.get("beta_end", 0.02),
         "num_train_timesteps": steps,
@@ -295,10 +381,35 @@ def process_from_scheduler_config(cfg: dict) -> dict:
 def class_names_from_id2label(id2label: dict | None, num_classes: int | None) -> list[str] | None:
     if not id2label:
         return None
-    labels = {int(k): str(v) for k, v in id2label.items()}
+    try:
+        labels = {int(k): str(v) for k, v in id2label.items()}
+    except ValueError:
+        raise ValueError("id2label keys must be class ids (0, 1, ...)") from None
     if sorted(labels) != list(range(num_classes or 0)):
         raise ValueError(f"id2label must name exactly the classes 0..{num_classes}-1")
-    return [labels[i] for i in range(num_classes)]
+    return check_class_names([labels[i] for i in range(num_classes)])
+
+
+def check_class_names(names: list[str]) -> list[str]:
+    """`names` if every class can be asked for by name: requests name a class ignoring case
+    and surrounding spaces, so names must be non-empty, unpadded and distinct ignoring case."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name or name != name.strip():
+            raise ValueError(f"class {i}'s name {name!r} is empty or padded with spaces")
+        if name.lower() in seen:
+            raise ValueError(
+                f"classes {seen[name.lower()]} and {i} are both named {name!r} (ignoring "
+                "case); the second could not be asked for by name"
+            )
+        seen[name.lower()] = i
+    return names
+
+
+def _class_names_for(names: list[str] | None, num_classes: int | None) -> list[str] | None:
+    if names is not None and len(names) != (num_classes or 0):
+        raise ValueError(f"{len(names)} class names given for a model with {num_classes} classes")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +419,39 @@ def class_names_from_id2label(id2label: dict | None, num_classes: int | None) ->
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{path} is missing")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it can be a served model id: 1-64 letters, digits, `.`, `_`, `-`, starting
+    with a letter or digit."""
+    if not MODEL_NAME.fullmatch(name):
+        raise UsageError(
+            f"model name {name!r} is not a valid model id: use 1-64 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit (the default is the output folder's name)"
+        )
+    return name
+
+
+def check_output(dst: Path, force: bool = False) -> None:
+    """Refuse an output that is a file, or a non-empty directory unless `force`."""
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"output {dst} is an existing file, not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise UsageError(f"output directory {dst} is not empty; pass --force to overwrite it")
+
+
+def _save(dst: Path, backbone, config: dict, vae: VAEDecoder | None) -> Path:
+    # With force, files from an earlier model in `dst` (a VAE the new one lacks) must not stay.
+    for name in MODEL_DIR_FILES:
+        (dst / name).unlink(missing_ok=True)
+    return save_model_dir(dst, backbone, config, vae=vae)
 
 
 def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -317,7 +460,10 @@ def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
             return read_safetensors(folder / name)
     pickles = sorted(folder.glob("*.bin"))
     if pickles:
-        state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {pickles[0]} weights-only: {e}") from None
         if isinstance(state, dict):
             return state
     raise ValueError(f"{folder} holds no diffusers weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
@@ -325,17 +471,39 @@ def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def read_diffusers_vae(folder: Path) -> VAEDecoder:
     """The decoder of a diffusers `AutoencoderKL` folder (config.json + weights)."""
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        raise ValueError(
+            f"{folder} is not a VAE folder (no config.json) but holds one: pass {folder / 'vae'}"
+        )
     vae = VAEDecoder(vae_config_from_diffusers(_read_json(folder / "config.json")))
     load_weights(vae, vae_decoder_state_dict(_diffusers_weights(folder)), f"VAE in {folder}")
     return vae
 
 
-def convert_diffusers_pipeline(src: Path, dst: Path, name: str | None = None) -> Path:
-    """Convert a `DiTPipeline` or `DDPMPipeline` folder into a model directory at `dst`."""
+def convert_diffusers_pipeline(
+    src: Path,
+    dst: Path,
+    name: str | None = None,
+    class_names: list[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Convert a `DiTPipeline` or `DDPMPipeline` folder into a model directory at `dst`.
+
+    `class_names` replace the pipeline's `id2label`; `force` overwrites a non-empty `dst`.
+    """
+    src, dst = Path(src), Path(dst)
+    name = check_model_name(name or dst.name)
+    check_output(dst, force)
     index = _read_json(src / "model_index.json")
     pipeline = index.get("_class_name")
     process = process_from_scheduler_config(_read_json(src / "scheduler" / "scheduler_config.json"))
-    config = {"name": name or dst.name, "process": process, "source": f"diffusers {pipeline}"}
+    config = {"name": name, "process": process, "source": f"diffusers {pipeline}"}
+
+    def names_for(num_classes: int | None) -> list[str] | None:
+        if class_names is not None:
+            return _class_names_for(class_names, num_classes)
+        return class_names_from_id2label(index.get("id2label"), num_classes)
+
     if pipeline == "DiTPipeline":
         arch = dit_config_from_diffusers(_read_json(src / "transformer" / "config.json"))
         backbone = DiT(arch)
@@ -343,19 +511,16 @@ def convert_diffusers_pipeline(src: Path, dst: Path, name: str | None = None) ->
         load_weights(backbone, state, f"transformer in {src}")
         config.update(
             family="dit",
-            class_names=class_names_from_id2label(index.get("id2label"), arch.num_classes),
+            class_names=names_for(arch.num_classes),
             guided_channels=arch.in_channels,  # DiTPipeline guides every latent channel
         )
-        return save_model_dir(dst, backbone, config, vae=read_diffusers_vae(src / "vae"))
+        return _save(dst, backbone, config, read_diffusers_vae(src / "vae"))
     if pipeline == "DDPMPipeline":
         arch = unet_config_from_diffusers(_read_json(src / "unet" / "config.json"))
         backbone = UNet(arch)
         load_weights(backbone, _diffusers_weights(src / "unet"), f"unet in {src}")
-        config.update(
-            family="unet",
-            class_names=class_names_from_id2label(index.get("id2label"), arch.num_classes),
-        )
-        return save_model_dir(dst, backbone, config)
+        config.update(family="unet", class_names=names_for(arch.num_classes))
+        return _save(dst, backbone, config, None)
     raise ValueError(
         f"unsupported diffusers pipeline {pipeline!r}; expected DiTPipeline or DDPMPipeline"
     )
@@ -370,33 +535,50 @@ def convert_original_checkpoint(
     num_heads: int | None = None,
     input_size: int | None = None,
     name: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """Convert an original DiT (`family="dit"`) or SiT (`"sit"`) `.pt` checkpoint."""
-    if family not in ("dit", "sit"):
+    """Convert an original DiT (`family="dit"`) or SiT (`"sit"`) `.pt` checkpoint.
+
+    `force` overwrites a non-empty `dst`.
+    """
+    src, dst = Path(src), Path(dst)
+    if family not in _FAMILY_NAMES:
         raise ValueError(f"family must be 'dit' or 'sit', got {family!r}")
+    name = check_model_name(name or dst.name)
+    check_output(dst, force)
     state, arch = dit_from_original_state_dict(read_original_checkpoint(src), num_heads, input_size)
     backbone = DiT(arch)
     load_weights(backbone, state, str(src))
     config = {
-        "name": name or dst.name,
+        "name": name,
         "family": family,
         "process": DDPM_LINEAR_PROCESS if family == "dit" else SIT_PROCESS,
-        "class_names": class_names,
+        "class_names": _class_names_for(class_names, arch.num_classes),
         "guided_channels": min(ORIGINAL_DIT_GUIDED_CHANNELS, arch.in_channels),
-        "source": f"original {family.upper()} checkpoint {src.name}",
+        "source": f"original {_FAMILY_NAMES[family]} checkpoint {src.name}",
     }
-    return save_model_dir(
-        dst, backbone, config, vae=None if vae is None else read_diffusers_vae(vae)
+    return _save(dst, backbone, config, None if vae is None else read_diffusers_vae(Path(vae)))
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Class names from a JSON list of names or an id -> name object (UsageError if bad)."""
+    if not path.is_file():
+        raise UsageError(f"class names file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return class_names_from_id2label(data, len(data))
+        if isinstance(data, list) and all(isinstance(x, str) for x in data):
+            return check_class_names(data)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"class names file {path}: {e}") from None
+    raise UsageError(
+        f"class names file {path} must hold a JSON list of names or an id -> name object"
     )
 
 
-def _read_class_names(path: Path) -> list[str]:
-    data = json.loads(path.read_text())
-    if isinstance(data, dict):
-        return class_names_from_id2label(data, len(data))
-    if isinstance(data, list) and all(isinstance(x, str) for x in data):
-        return data
-    raise ValueError(f"{path} must hold a JSON list of names or an id -> name object")
+# Flags that only apply to an original .pt source.
+_CHECKPOINT_FLAGS = ("family", "vae", "num_heads", "input_size")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,30 +589,57 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("source", type=Path, help=".pt file or diffusers pipeline folder")
     parser.add_argument("output", type=Path, help="model directory to write")
-    parser.add_argument("--family", choices=("dit", "sit"), default="dit", help="for .pt files")
+    parser.add_argument(
+        "--family", choices=("dit", "sit"), help="process of a .pt file (default: dit)"
+    )
     parser.add_argument("--vae", type=Path, help="diffusers AutoencoderKL folder (for .pt files)")
     parser.add_argument("--class-names", type=Path, help="JSON list or id2label object")
     parser.add_argument("--num-heads", type=int, help="attention heads (default: by DiT size)")
     parser.add_argument("--input-size", type=int, help="latent side (default: from pos_embed)")
     parser.add_argument("--name", help="model name (default: the output folder's name)")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite the model files of a non-empty output"
+    )
     args = parser.parse_args(argv)
     try:
-        if args.source.is_dir():
-            out = convert_diffusers_pipeline(args.source, args.output, args.name)
-        else:
-            names = _read_class_names(args.class_names) if args.class_names else None
-            out = convert_original_checkpoint(
-                args.source,
-                args.output,
-                args.family,
-                args.vae,
-                names,
-                args.num_heads,
-                args.input_size,
-                args.name,
-            )
-    except ValueError as e:
-        print(f"denoised convert: error: {e}")
+        out = _convert(args)
+    except UsageError as e:
+        print(f"denoised convert: error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as e:
+        print(f"denoised convert: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
+
+
+def _convert(args: argparse.Namespace) -> Path:
+    for flag in ("num_heads", "input_size"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if not args.source.exists():
+        raise UsageError(f"source {args.source} does not exist")
+    names = read_class_names(args.class_names) if args.class_names else None
+    if args.source.is_dir():
+        given = [f for f in _CHECKPOINT_FLAGS if getattr(args, f) is not None]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise UsageError(
+                f"{flags} only apply to a .pt checkpoint; {args.source} is a diffusers "
+                "pipeline folder, which carries its own"
+            )
+        return convert_diffusers_pipeline(
+            args.source, args.output, args.name, names, force=args.force
+        )
+    return convert_original_checkpoint(
+        args.source,
+        args.output,
+        args.family or "dit",
+        args.vae,
+        names,
+        args.num_heads,
+        args.input_size,
+        args.name,
+        force=args.force,
+    )

@@ -1,12 +1,22 @@
 """`denoised convert` on a diffusers DiTPipeline folder, scheduler mapping, and CLI errors."""
 
+import argparse
 import json
+import os
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiTPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
 from diffusers_reference import (
     CLASSES,
+    HEADS,
     SIDE,
     inputs,
     original_layout,
@@ -85,11 +95,11 @@ def test_cli_reports_errors(tmp_path, capsys):
     )
     (tmp_path / "pipe" / "scheduler").mkdir()
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text("{}")
-    assert main([str(tmp_path / "pipe"), str(tmp_path / "out")]) == 2
-    assert "unsupported diffusers pipeline 'StableDiffusionPipeline'" in capsys.readouterr().out
+    assert main([str(tmp_path / "pipe"), str(tmp_path / "out")]) == 1
+    assert "unsupported diffusers pipeline 'StableDiffusionPipeline'" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert main([str(tmp_path / "junk.pt"), str(tmp_path / "out")]) == 2
-    assert "weights-only torch checkpoint" in capsys.readouterr().out
+    assert main([str(tmp_path / "junk.pt"), str(tmp_path / "out")]) == 1
+    assert "is not a torch checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -113,3 +123,268 @@ def test_original_checkpoint_with_vae_and_class_names(tmp_path, dit_pipeline):
     loaded = load_model_dir(tmp_path / "m")
     assert loaded.vae is not None and loaded.class_names[3] == "n3"
     assert loaded.config["vae"]["block_out_channels"] == [32, 64]
+    assert loaded.config["source"] == "original DiT checkpoint dit.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags on folder sources, training checkpoints, scheduler settings, errors, existing outputs
+
+
+def test_class_names_replace_a_pipelines_id2label(tmp_path, dit_pipeline):
+    folder, _, _ = dit_pipeline
+    names = [f"kind {i}" for i in range(CLASSES)]
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    assert (
+        main([str(folder), str(tmp_path / "out"), "--class-names", str(tmp_path / "names.json")])
+        == 0
+    )
+    assert load_model_dir(tmp_path / "out").class_names == names
+
+
+def test_class_names_on_a_ddpm_pipeline(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        num_class_embeds=4,  # 3 classes + the null label
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    (tmp_path / "names.json").write_text(json.dumps({"2": "c", "0": "a", "1": "b"}))
+    args = [str(tmp_path / "pipe"), str(tmp_path / "out")]
+    assert main([*args, "--class-names", str(tmp_path / "names.json")]) == 0
+    loaded = load_model_dir(tmp_path / "out")
+    assert loaded.class_names == ["a", "b", "c"] and loaded.num_classes == 3
+    # A count that disagrees with the model's classes is refused, naming both.
+    (tmp_path / "names.json").write_text(json.dumps(["a", "b"]))
+    assert main([*args, "--force", "--class-names", str(tmp_path / "names.json")]) == 1
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--family", "sit"], ["--vae", "nowhere"], ["--num-heads", "3"], ["--input-size", "16"]],
+)
+def test_checkpoint_flags_are_refused_for_folders(tmp_path, dit_pipeline, flags, capsys):
+    folder, _, _ = dit_pipeline
+    assert main([str(folder), str(tmp_path / "out"), *flags]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and f"{flags[0]} only apply to a .pt checkpoint" in out.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_checkpoint_with_namespace_args(tmp_path):
+    """DiT's/SiT's train.py layout: model, EMA, optimizer state and an argparse.Namespace."""
+    ref = random_diffusers_dit(seed=4)
+    ema = original_layout(ref)
+    raw = {k: torch.randn_like(v) for k, v in ema.items()}
+    params = [torch.nn.Parameter(v.clone()) for v in raw.values()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sum(p.square().sum() for p in params).backward()
+    opt.step()
+    args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=CLASSES, epochs=1400)
+    checkpoint = {"model": raw, "ema": ema, "opt": opt.state_dict(), "args": args}
+    torch.save(checkpoint, tmp_path / "0400000.pt")
+    dst = tmp_path / "m"
+    assert main([str(tmp_path / "0400000.pt"), str(dst), "--num-heads", str(HEADS)]) == 0
+    state = load_model_dir(dst).backbone.state_dict()
+    assert state.keys() == ema.keys() - {"pos_embed"}
+    assert all(torch.equal(state[k], ema[k]) for k in state)  # the EMA weights, not the raw
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "created-by-unpickling"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    state = original_layout(random_diffusers_dit())
+    torch.save({"ema": state, "args": RunsCode()}, tmp_path / "evil.pt")
+    assert main([str(tmp_path / "evil.pt"), str(tmp_path / "out"), "--num-heads", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "mkdir" in err and len(err.splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_scheduler_settings_that_change_the_process_are_refused():
+    for config, key in [
+        (DDPMScheduler(rescale_betas_zero_snr=True).config, "rescale_betas_zero_snr"),
+        (DDPMScheduler(beta_schedule="sigmoid").config, "beta_schedule"),
+        (DDPMScheduler(prediction_type="x0").config, "prediction_type"),
+        (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config, "use_dynamic_shifting"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            process_from_scheduler_config(dict(config))
+
+
+def test_sampling_time_scheduler_settings_are_accepted():
+    """Sampling choices (variance, x0 clipping, thresholding, spacing) leave the process as is;
+    the process is what the betas and prediction type define."""
+    base = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    plain = process_from_scheduler_config(dict(DDPMScheduler(**base).config))
+    sampling = DDPMScheduler(
+        **base,
+        variance_type="fixed_large",
+        clip_sample=True,
+        thresholding=True,
+        timestep_spacing="trailing",
+        steps_offset=1,
+    ).config
+    assert process_from_scheduler_config(dict(sampling)) == plain
+    assert (plain["schedule"], plain["beta_start"], plain["beta_end"]) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+    )
+
+
+@pytest.fixture
+def sources(tmp_path, dit_pipeline):
+    """A DiT pipeline folder and the same weights as an original .pt state dict."""
+    folder, transformer, _ = dit_pipeline
+    torch.save(original_layout(transformer), tmp_path / "dit.pt")
+    return tmp_path, folder
+
+
+def _drop(tmp_path, key):
+    state = torch.load(tmp_path / "dit.pt", weights_only=True)
+    del state[key]
+    torch.save(state, tmp_path / "dit.pt")
+
+
+def _write(path, text):
+    path.write_text(text)
+
+
+# (prepare(tmp, folder), args(tmp, folder), exit code, text the one-line error contains)
+ERRORS = {
+    "no final layer": (
+        lambda t, f: _drop(t, "final_layer.linear.weight"),
+        lambda t, f: [t / "dit.pt", t / "out", "--num-heads", "2"],
+        1,
+        "final_layer.linear.weight is missing",
+    ),
+    "unconditional": (
+        lambda t, f: _drop(t, "y_embedder.embedding_table.weight"),
+        lambda t, f: [t / "dit.pt", t / "out", "--num-heads", "2"],
+        1,
+        "unconditional DiT/SiT checkpoints are not supported",
+    ),
+    "zero heads": (
+        None,
+        lambda t, f: [t / "dit.pt", t / "out", "--num-heads", "0"],
+        2,
+        "--num-heads",
+    ),
+    "heads not dividing": (
+        None,
+        lambda t, f: [t / "dit.pt", t / "out", "--num-heads", "3"],
+        1,
+        "3 attention heads do not divide the hidden size 32",
+    ),
+    "input size disagrees": (
+        None,
+        lambda t, f: [t / "dit.pt", t / "out", "--num-heads", "2", "--input-size", "16"],
+        1,
+        "latent size 16 disagrees with the stored pos_embed, which is for 8",
+    ),
+    "missing class names file": (
+        None,
+        lambda t, f: [t / "dit.pt", t / "out", "--class-names", t / "nowhere.json"],
+        2,
+        "nowhere.json does not exist",
+    ),
+    "duplicate class names": (
+        lambda t, f: _write(t / "names.json", json.dumps(["cat", "dog", "Cat"])),
+        lambda t, f: [t / "dit.pt", t / "out", "--class-names", t / "names.json"],
+        2,
+        "classes 0 and 2 are both named 'Cat'",
+    ),
+    "output is a file": (
+        lambda t, f: _write(t / "out", "x"),
+        lambda t, f: [t / "dit.pt", t / "out", "--num-heads", "2"],
+        2,
+        "is an existing file",
+    ),
+    "bad scheduler json": (
+        lambda t, f: _write(f / "scheduler" / "scheduler_config.json", "{oops"),
+        lambda t, f: [f, t / "out"],
+        1,
+        "scheduler_config.json is not valid JSON",
+    ),
+    "zero snr": (
+        lambda t, f: _write(
+            f / "scheduler" / "scheduler_config.json", '{"rescale_betas_zero_snr": true}'
+        ),
+        lambda t, f: [f, t / "out"],
+        1,
+        "rescale_betas_zero_snr=True is not supported",
+    ),
+    "not torch": (
+        lambda t, f: _write(t / "dit.pt", "e" * 100),
+        lambda t, f: [t / "dit.pt", t / "out"],
+        1,
+        "is not a torch checkpoint",
+    ),
+    "bad name": (
+        None,
+        lambda t, f: [t / "dit.pt", t / "out", "--name", "bad name/with slash"],
+        2,
+        "'bad name/with slash' is not a valid model id",
+    ),
+    "vae given the pipeline root": (
+        None,
+        lambda t, f: [t / "dit.pt", t / "out", "--num-heads", "2", "--vae", f],
+        1,
+        f"holds one: pass {os.sep}",
+    ),
+    "duplicate id2label": (
+        lambda t, f: _write(
+            f / "model_index.json",
+            json.dumps(
+                {
+                    **json.loads((f / "model_index.json").read_text()),
+                    "id2label": {str(i): "crane" if i in (1, 5) else str(i) for i in range(10)},
+                }
+            ),
+        ),
+        lambda t, f: [f, t / "out"],
+        1,
+        "classes 1 and 5 are both named 'crane'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_cli_errors_are_one_line_on_stderr(sources, case, capsys):
+    tmp_path, folder = sources
+    prepare, args, code, text = ERRORS[case]
+    if prepare is not None:
+        prepare(tmp_path, folder)
+    assert main([str(a) for a in args(tmp_path, folder)]) == code
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith("denoised convert: error: ") and len(out.err.splitlines()) == 1
+    assert text in out.err
+    assert not (tmp_path / "out").is_dir()
+
+
+def test_existing_output_needs_force_and_loses_stale_files(tmp_path, sources, capsys):
+    _, folder = sources
+    dst = tmp_path / "out"
+    base = [str(tmp_path / "dit.pt"), str(dst), "--num-heads", "2"]
+    assert main([*base, "--vae", str(folder / "vae")]) == 0
+    (dst / "notes.txt").write_text("mine")
+    assert (dst / "vae.safetensors").is_file()
+    capsys.readouterr()
+    assert main(base) == 2
+    assert "not empty; pass --force" in capsys.readouterr().err
+    assert load_model_dir(dst).vae is not None  # untouched
+    assert main([*base, "--force", "--family", "sit"]) == 0
+    loaded = load_model_dir(dst)
+    assert loaded.vae is None and not (dst / "vae.safetensors").exists()
+    assert loaded.config["source"] == "original SiT checkpoint dit.pt"
+    assert (dst / "notes.txt").read_text() == "mine"  # only the model's own files are replaced
