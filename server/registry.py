@@ -111,6 +111,12 @@ class ServedModel:
         return self.loaded.class_names
 
     @property
+    def num_classes(self) -> int:
+        """Classes the backbone was trained on (0: unconditional). Names are optional: a
+        model without them takes class ids."""
+        return self.loaded.num_classes or 0
+
+    @property
     def sizes(self) -> dict[str, tuple[int, int, int]]:
         side = self.loaded.image_size
         return {f"{side}x{side}": tuple(self.loaded.latent_shape)}
@@ -136,6 +142,7 @@ class ServedModel:
             process=self.loaded.process.to_config()["type"],
             prediction=self.loaded.process.prediction,
             classes=self.classes,
+            num_classes=self.num_classes or None,
             sizes=list(self.sizes),
             samplers=list(SAMPLER_NAMES),
             defaults=self.defaults,
@@ -143,20 +150,32 @@ class ServedModel:
         )
 
     def _label(self, value: str | int | None, param: str) -> tuple[int | None, str | None]:
+        """(class id, class name) of a request's label. A model without class names takes
+        ids, as integers or decimal strings (the OpenAI endpoint's prompt), and names the
+        class by its id."""
         if value is None:
             return None, None
-        classes = self.classes
-        if not classes:
+        count, names = self.num_classes, self.classes
+        if not count:
             raise FieldError(param, f"model {self.name!r} is unconditional; omit {param}")
-        if isinstance(value, int):
-            if not 0 <= value < len(classes):
-                raise FieldError(param, f"class id must be in 0..{len(classes) - 1}, got {value}")
-            return value, classes[value]
-        key = value.strip().lower()
-        for index, name in enumerate(classes):
-            if name.lower() == key:
-                return index, name
-        raise FieldError(param, f"unknown class {value!r}; allowed: {_allowed(classes)}")
+        if isinstance(value, str):
+            key = value.strip().lower()
+            if names:
+                for index, name in enumerate(names):
+                    if name.lower() == key:
+                        return index, name
+                raise FieldError(param, f"unknown class {value!r}; allowed: {_allowed(names)}")
+            if not (key.isascii() and key.isdecimal()):
+                raise FieldError(
+                    param,
+                    f"model {self.name!r} has no class names: give a class id 0..{count - 1}, "
+                    f"got {value!r}",
+                )
+        # Longer digit strings are out of range anyway (and int() caps their length).
+        index = value if isinstance(value, int) else int(key) if len(key) < 19 else count
+        if not 0 <= index < count:
+            raise FieldError(param, f"class id must be in 0..{count - 1}, got {value!r}")
+        return index, names[index] if names else str(index)
 
     def _guidance(self, given: float | None, label_id: int | None, label_param: str) -> float:
         """The scale applied. Guidance pulls toward a class, so without a label there is
@@ -166,7 +185,7 @@ class ServedModel:
         if given is not None and given != 1.0:
             missing = (
                 f"model {self.name!r} is unconditional"
-                if not self.classes
+                if not self.num_classes
                 else f"this request has no {label_param}"
             )
             raise FieldError(

@@ -296,7 +296,12 @@ class ModelCard(BaseModel):
     architecture: str = Field(description="Backbone family: dit, sit or unet")
     process: str = Field(description="Noise process: vp (diffusion) or flow")
     prediction: str = Field(description="What the backbone predicts: epsilon, v, sample, velocity")
-    classes: list[str] | None = Field(description="Class names, or null if unconditional")
+    classes: list[str] | None = Field(
+        description="Class names, or null if unconditional or the model has none"
+    )
+    num_classes: int | None = Field(
+        None, description="Classes (ids 0..num_classes−1), or null if unconditional"
+    )
     sizes: list[str]
     samplers: list[str]
     defaults: ModelDefaults

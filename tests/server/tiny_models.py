@@ -53,3 +53,8 @@ def write_tiny_models(root: Path, latent: bool = False) -> dict[str, Path]:
             vae=vae,
         )
     return dirs
+
+
+def write_unnamed_dit(root: Path) -> Path:
+    """`tiny-ids`: `tiny-dit`'s architecture and weights (10 classes) without `class_names`."""
+    return save_model_dir(root / "tiny-ids", _dit(1, 8, True, 0), {"process": VP})
