@@ -118,6 +118,12 @@ def dit_state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, t
     return out
 
 
+def _require(cfg: dict, keys: tuple[str, ...], what: str) -> None:
+    missing = [k for k in keys if cfg.get(k) is None]
+    if missing:
+        raise ValueError(f"the {what} config lacks {', '.join(missing)}")
+
+
 def dit_config_from_diffusers(cfg: dict) -> DiTConfig:
     """`DiTConfig` for a diffusers `DiTTransformer2DModel` / `Transformer2DModel` config."""
     kind = cfg.get("_class_name", "DiTTransformer2DModel")
@@ -129,6 +135,22 @@ def dit_config_from_diffusers(cfg: dict) -> DiTConfig:
         )
     if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
         raise ValueError(f"unsupported DiT activation {cfg['activation_fn']!r}")
+    if cfg.get("num_embeds_ada_norm") is None:
+        raise ValueError(
+            "the transformer has no class embedding: unconditional DiTs are not supported"
+        )
+    _require(
+        cfg,
+        (
+            "num_attention_heads",
+            "attention_head_dim",
+            "in_channels",
+            "sample_size",
+            "patch_size",
+            "num_layers",
+        ),
+        "DiT transformer",
+    )
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     in_channels = cfg["in_channels"]
     out_channels = cfg.get("out_channels") or in_channels
@@ -273,6 +295,7 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         raise ValueError(
             "UNet2DModel attn_norm_num_groups differing from norm_num_groups is not supported"
         )
+    _require(cfg, ("block_out_channels", "down_block_types", "up_block_types"), "UNet2DModel")
     rows = cfg.get("num_class_embeds")
     size = cfg.get("sample_size", 32)
     if isinstance(size, (list, tuple)):

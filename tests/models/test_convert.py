@@ -323,6 +323,21 @@ ERRORS = {
         1,
         "rescale_betas_zero_snr=True is not supported",
     ),
+    "transformer config lacks a key": (
+        lambda t, f: _write(
+            f / "transformer" / "config.json",
+            json.dumps(
+                {
+                    k: v
+                    for k, v in json.loads((f / "transformer" / "config.json").read_text()).items()
+                    if k != "num_layers"
+                }
+            ),
+        ),
+        lambda t, f: [f, t / "out"],
+        1,
+        "the DiT transformer config lacks num_layers",
+    ),
     "not torch": (
         lambda t, f: _write(t / "dit.pt", "e" * 100),
         lambda t, f: [t / "dit.pt", t / "out"],
