@@ -648,9 +648,10 @@ def _convert(args: argparse.Namespace) -> Path:
         given = [f for f in _CHECKPOINT_FLAGS if getattr(args, f) is not None]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            verb = "applies" if len(given) == 1 else "apply"
             raise UsageError(
-                f"{flags} only apply to a .pt checkpoint; {args.source} is a diffusers "
-                "pipeline folder, which carries its own"
+                f"{flags} {verb} only to a .pt checkpoint; {args.source} is a diffusers "
+                "pipeline folder, which carries its own settings"
             )
         return convert_diffusers_pipeline(
             args.source, args.output, args.name, names, force=args.force

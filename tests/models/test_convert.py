@@ -171,7 +171,7 @@ def test_checkpoint_flags_are_refused_for_folders(tmp_path, dit_pipeline, flags,
     folder, _, _ = dit_pipeline
     assert main([str(folder), str(tmp_path / "out"), *flags]) == 2
     out = capsys.readouterr()
-    assert out.out == "" and f"{flags[0]} only apply to a .pt checkpoint" in out.err
+    assert out.out == "" and f"{flags[0]} applies only to a .pt checkpoint" in out.err
     assert not (tmp_path / "out").exists()
 
 
