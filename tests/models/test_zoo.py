@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from zoo_fixtures import one_thread  # noqa: F401 (autouse)
 
 from denoised.models.checkpoint import build_backbone, load_model_dir
 from denoised.models.process import process_from_config
@@ -24,16 +25,6 @@ from denoised.models.zoo.train import TrainSettings, load_recipes, native_time_a
 # 16 samples (labels 0..9, 0..5), DPM-Solver++(2M), 10 steps, guidance 2, seed 0. Measured
 # over seeds 0-3: the shipped models score 15 or 16 of 16, an untrained DiT 0 to 2 of 16.
 MIN_SHORT_ACCURACY = 13 / 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 16-sample batches of an 8×8 model: a second thread only adds synchronisation, which
-    # costs seconds per test on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from zoo_fixtures import one_thread  # noqa: F401 (autouse)
 
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS, card, evaluate, hashes, judge, train
 from denoised.models.zoo.judge import FEATURES, frechet_distance
@@ -21,14 +21,6 @@ SHIPPED = [
     "judge/model.safetensors",
     "judge/config.json",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
