@@ -401,7 +401,12 @@ def process_from_scheduler_config(cfg: dict) -> dict:
     }
 
 
-def class_names_from_id2label(id2label: dict | None, num_classes: int | None) -> list[str] | None:
+def class_names_from_id2label(
+    id2label: dict | None, num_classes: int | None, distinct: bool = False
+) -> list[str] | None:
+    """The class names of an `id2label` mapping; `distinct` appends the id to a name that an
+    earlier class already has (a pipeline's own labels can repeat: ImageNet names classes 134
+    and 517 'crane'), so every class stays reachable by name."""
     if not id2label:
         return None
     try:
@@ -410,7 +415,14 @@ def class_names_from_id2label(id2label: dict | None, num_classes: int | None) ->
         raise ValueError("id2label keys must be class ids (0, 1, ...)") from None
     if sorted(labels) != list(range(num_classes or 0)):
         raise ValueError(f"id2label must name exactly the classes 0..{num_classes}-1")
-    return check_class_names([labels[i] for i in range(num_classes)])
+    names = [labels[i] for i in range(num_classes)]
+    if distinct:
+        seen: set[str] = set()
+        for i, name in enumerate(names):
+            if name.strip().lower() in seen:
+                names[i] = f"{name} ({i})"
+            seen.add(names[i].strip().lower())
+    return check_class_names(names)
 
 
 def check_class_names(names: list[str]) -> list[str]:
@@ -525,7 +537,7 @@ def convert_diffusers_pipeline(
     def names_for(num_classes: int | None) -> list[str] | None:
         if class_names is not None:
             return _class_names_for(class_names, num_classes)
-        return class_names_from_id2label(index.get("id2label"), num_classes)
+        return class_names_from_id2label(index.get("id2label"), num_classes, distinct=True)
 
     if pipeline == "DiTPipeline":
         arch = dit_config_from_diffusers(_read_json(src / "transformer" / "config.json"))
