@@ -178,7 +178,7 @@ def _multistep_orders(grid: Grid, order: int, lower_order_final: bool) -> list[i
     """Per-step order: warm up from 1 and, with ``lower_order_final``, step down so that step i
     uses ≤ N − i points. Unlike diffusers (which steps down only on grids of fewer than 15
     steps) this holds on every grid: third-order steps into the wide last log-SNR intervals
-    cost dpmpp-3m 2.5–4× accuracy on flow grids of 15–50 steps (docs/samplers.md)."""
+    cost dpmpp-3m 2.6–4.2× accuracy on flow grids of 15–50 steps (docs/samplers.md)."""
     n = grid.steps
     # A point at λ = −∞ (a flow grid's σ = 1) sits infinitely far back in λ: its D gets no
     # weight in any finite difference, so steps do not reach back to it.

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+from tiny_models import write_unnamed_dit
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -28,8 +29,9 @@ def one_slot_server(launch):
 def mixed_server(launch, model_dirs, tmp_path_factory):
     """Besides the two tiny models: `tiny-words`, tiny-flow with its classes named "zero" to
     "nine" (so a class id and a class name differ), and `broken`, whose truncated weights fail
-    to load (requests for it get 503 without Retry-After). Readiness is not strict, so the
-    server is ready with the others."""
+    to load (requests for it get 503 without Retry-After), and `tiny-ids`, tiny-dit's weights
+    without class names (it takes class ids). Readiness is not strict, so the server is ready
+    with the others."""
     root = tmp_path_factory.mktemp("mixed-models")
     words, broken = root / "tiny-words", root / "broken"
     shutil.copytree(model_dirs[1], words)  # tiny-flow
@@ -40,4 +42,6 @@ def mixed_server(launch, model_dirs, tmp_path_factory):
         (directory / "config.json").write_text(json.dumps(config))
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    return launch("--no-strict-readiness", "--model", str(words), "--model", str(broken))
+    ids = write_unnamed_dit(root)
+    models = [arg for path in (words, broken, ids) for arg in ("--model", str(path))]
+    return launch("--no-strict-readiness", *models)

@@ -160,6 +160,18 @@ def test_class_ids_on_the_openai_endpoint_are_looked_up(mixed_server, tmp_path, 
     assert not (tmp_path / "c.png").exists()
 
 
+def test_class_ids_of_a_model_without_names(mixed_server, tmp_path, capsys):
+    """`tiny-ids` has classes but no names: `id:7` goes to the OpenAI endpoint as "7"."""
+    common = ["--url", mixed_server.url, "generate", "--model", "tiny-ids", "--steps", "3",
+              "--seed", "8", "--no-progress"]  # fmt: skip
+    assert main([*common, "--label", "id:7", "--openai", "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--label", "id:7", "-o", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    capsys.readouterr()
+    assert main([*common, "--label", "id:10", "--openai", "-o", str(tmp_path / "c.png")]) == 1
+    assert capsys.readouterr().err == "error: --label id:10: model 'tiny-ids' has class ids 0..9\n"
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

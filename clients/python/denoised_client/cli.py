@@ -183,14 +183,14 @@ def _class_name(client: Client, model: str | None, class_id: int) -> str:
     cards = [client.model(model)] if model else client.models()
     if not cards:
         raise ValueError("the server lists no models")
-    classes = cards[0].classes
-    if not classes:
-        raise ValueError(f"model {cards[0].id!r} is unconditional: it has no class id {class_id}")
-    if not 0 <= class_id < len(classes):
-        raise ValueError(
-            f"--label id:{class_id}: model {cards[0].id!r} has class ids 0..{len(classes) - 1}"
-        )
-    return classes[class_id]
+    card = cards[0]
+    count = card.num_classes if card.num_classes is not None else len(card.classes or ())
+    if not count:
+        raise ValueError(f"model {card.id!r} is unconditional: it has no class id {class_id}")
+    if not 0 <= class_id < count:
+        raise ValueError(f"--label id:{class_id}: model {card.id!r} has class ids 0..{count - 1}")
+    # A model without class names takes its ids as names ("3").
+    return card.classes[class_id] if card.classes else str(class_id)
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:

@@ -198,13 +198,14 @@ class Model:
     architecture: str
     process: str
     prediction: str
-    classes: list[str] | None
+    classes: list[str] | None  # class names; None when unconditional or unnamed
     sizes: list[str]
     samplers: list[str]
     defaults: ModelDefaults
     latent: bool
     created: int = 0
     owned_by: str = "denoised"
+    num_classes: int | None = None  # classes the model is conditioned on (with or without names)
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Model:
