@@ -59,6 +59,7 @@ class LoadedModel:
     image_size: int  # pixels per side of the decoded image
     out_channels_used: int  # leading backbone output channels that form the prediction
     guided_channels: int  # leading channels guidance applies to (0: no guidance)
+    has_null_label: bool  # the class table has the null row (id `num_classes`) for no class
 
 
 def build_backbone(family: str, architecture: dict) -> nn.Module:
@@ -259,6 +260,7 @@ def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
         "image_size": image_size,
         "out_channels_used": channels,
         "guided_channels": guided,
+        "has_null_label": bool(has_null),
     }
 
 

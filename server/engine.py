@@ -194,7 +194,8 @@ class Engine:
     def warm_up(self) -> None:
         """One short guided generation per model: first-call costs are paid before /ready."""
         for name, served in self.registry.models.items():
-            fields = SamplingFields(n=1, steps=2, guidance_scale=2.0 if served.num_classes else 1.0)
+            guides = served.num_classes and served.loaded.guided_channels
+            fields = SamplingFields(n=1, steps=2, guidance_scale=2.0 if guides else 1.0)
             label = 0 if served.num_classes else None
             params, state = served.prepare(
                 fields, label, "label", self.settings, "warmup", self.device

@@ -154,6 +154,10 @@ class ServedModel:
         ids, as integers or decimal strings (the OpenAI endpoint's prompt), and names the
         class by its id."""
         if value is None:
+            if self.num_classes and not self.loaded.has_null_label:
+                raise FieldError(
+                    param, f"model {self.name!r} needs a {param}: it has no null class"
+                )
             return None, None
         count, names = self.num_classes, self.classes
         if not count:
@@ -181,6 +185,12 @@ class ServedModel:
         """The scale applied. Guidance pulls toward a class, so without a label there is
         none: a scale other than 1 is refused rather than echoed but ignored."""
         if label_id is not None:
+            if given is not None and given != 1.0 and not self.loaded.guided_channels:
+                raise FieldError(
+                    "guidance_scale",
+                    f"model {self.name!r} cannot be guided (no null class or no guided "
+                    f"channels); omit guidance_scale or use 1, got {given:g}",
+                )
             return self.defaults.guidance_scale if given is None else given
         if given is not None and given != 1.0:
             missing = (

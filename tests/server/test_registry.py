@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 from test_http_api import error_of, images_of
 from tiny_models import write_tiny_models, write_unnamed_dit
 
-from denoised.models.presets import materialize_preset
+from denoised.models.checkpoint import save_model_dir
+from denoised.models.presets import DDPM_LINEAR_PROCESS, materialize_preset
+from denoised.models.unet import UNet, UNetConfig
 from denoised.server.api import create_app
 from denoised.server.engine import Engine
 from denoised.server.jobs import Job
@@ -185,3 +187,30 @@ def test_an_unnamed_models_bad_class_id_is_422_naming_the_range(client, path, fi
     response = client.post(path, json={"model": "tiny-ids", field: value, "steps": 2})
     error = error_of(response, 422)
     assert error["param"] == field and words in error["message"]
+
+
+def test_a_conditional_model_without_a_null_class_needs_a_label(tmp_path):
+    """A UNet trained on classes but without the null row cannot serve unlabelled or guided
+    requests: both are 422s naming the field (they used to fail in the forward, a 500), and
+    the warm-up runs labelled and unguided."""
+    torch.manual_seed(0)
+    unet = UNet(
+        UNetConfig(
+            sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
+            num_classes=3, null_label=False,
+        )
+    )  # fmt: skip
+    path = save_model_dir(tmp_path / "no-null", unet, {"process": dict(DDPM_LINEAR_PROCESS)})
+    registry = load_registry([path], CPU, torch.float32)
+    served = registry.get(None)
+    with pytest.raises(FieldError, match="needs a label: it has no null class") as missing:
+        prepare(served, None)
+    assert missing.value.param == "label"
+    with pytest.raises(FieldError, match="cannot be guided") as guided:
+        prepare(served, 2, guidance_scale=3.0)
+    assert guided.value.param == "guidance_scale"
+    params = prepare(served, 2)
+    assert (params.label, params.guidance_scale, params.guided) == (2, 1.0, False)
+    Engine(registry, Settings(), Metrics(), CPU, torch.float32).warm_up()
