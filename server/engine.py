@@ -192,21 +192,28 @@ class Engine:
 
     # ---- warm-up (before start) ------------------------------------------------------------
     def warm_up(self) -> None:
-        """One short guided generation per model: first-call costs are paid before /ready."""
-        for name, served in self.registry.models.items():
-            guides = served.num_classes and served.loaded.guided_channels
-            fields = SamplingFields(n=1, steps=2, guidance_scale=2.0 if guides else 1.0)
-            label = 0 if served.num_classes else None
-            params, state = served.prepare(
-                fields, label, "label", self.settings, "warmup", self.device
-            )
-            item = _WarmupItem(params, state)
-            while not state.done:
-                outcome = self.runners[name].step([item])
-                if outcome.failed:
-                    raise RuntimeError(f"warm-up of {name!r} failed: {outcome.failed[0]}")
-            self._to_images(name, state.x)
-            log.info("warmed up %s", name)
+        """One short guided generation per model: first-call costs are paid before /ready. A
+        model whose warm-up fails is dropped (listed as unavailable) and the others serve."""
+        for name, served in list(self.registry.models.items()):
+            try:
+                self._warm_up(name, served)
+            except Exception as exc:
+                log.exception("warm-up of %s failed: not serving it", name)
+                del self.runners[name], self.limits[name]
+                self.registry.drop(name, f"warm-up failed: {type(exc).__name__}: {exc}")
+
+    def _warm_up(self, name: str, served) -> None:
+        guides = served.num_classes and served.loaded.guided_channels
+        fields = SamplingFields(n=1, steps=2, guidance_scale=2.0 if guides else 1.0)
+        label = 0 if served.num_classes else None
+        params, state = served.prepare(fields, label, "label", self.settings, "warmup", self.device)
+        item = _WarmupItem(params, state)
+        while not state.done:
+            outcome = self.runners[name].step([item])
+            if outcome.failed:
+                raise RuntimeError(outcome.failed[0])
+        self._to_images(name, state.x)
+        log.info("warmed up %s", name)
 
     # ---- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:

@@ -313,6 +313,16 @@ class ModelRegistry:
             self.models[model.name] = model
         self.default = models[0].name
 
+    def drop(self, name: str, why: str) -> None:
+        """Stop serving a loaded model that then failed (its warm-up): it joins `unavailable`
+        and the next model becomes the default if it was. RuntimeError when none is left."""
+        del self.models[name]
+        self.unavailable[name] = why
+        if not self.models:
+            raise RuntimeError(f"no model left to serve; {name}: {why}")
+        if self.default == name:
+            self.default = next(iter(self.models))
+
     def get(self, name: str | None) -> ServedModel:
         key = self.default if name is None else name
         if key in self.unavailable and key not in self.models:

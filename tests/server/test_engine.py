@@ -218,8 +218,32 @@ def test_request_mode_batches_only_equal_parameters(make_engine):
 
 def test_warm_up_runs_every_model(registry):
     engine = Engine(registry, Settings(), Metrics(), CPU, torch.float32)
-    engine.warm_up()  # raises if any model fails
+    engine.warm_up()
     assert engine.idle
+    assert set(registry.models) == {"tiny-dit", "tiny-flow", "tiny-latent"}
+    assert not registry.unavailable
+
+
+def test_a_model_that_fails_its_warm_up_is_dropped_and_the_others_serve(tmp_path):
+    """tiny-dit with NaN weights: its warm-up produces non-finite values, so it is listed as
+    unavailable with the reason, tiny-flow (the next model) becomes the default and serves;
+    with no model left the warm-up raises."""
+    dirs = write_tiny_models(tmp_path)
+    registry = load_registry([dirs["tiny-dit"], dirs["tiny-flow"]], CPU, torch.float32)
+    with torch.no_grad():
+        for param in registry.models["tiny-dit"].loaded.backbone.parameters():
+            param.fill_(float("nan"))
+    engine = Engine(registry, Settings(), Metrics(), CPU, torch.float32)
+    engine.warm_up()
+    assert list(registry.models) == ["tiny-flow"] and registry.default == "tiny-flow"
+    assert "warm-up failed" in registry.unavailable["tiny-dit"]
+    assert "non-finite" in registry.unavailable["tiny-dit"]
+    assert set(engine.runners) == {"tiny-flow"}
+    with torch.no_grad():
+        for param in registry.models["tiny-flow"].loaded.backbone.parameters():
+            param.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="no model left to serve"):
+        Engine(registry, Settings(), Metrics(), CPU, torch.float32).warm_up()
 
 
 # Eight tiny-dit requests, half guided: 12 rows in all, so with oom_above_rows=6 a forward of

@@ -214,3 +214,4 @@ def test_a_conditional_model_without_a_null_class_needs_a_label(tmp_path):
     params = prepare(served, 2)
     assert (params.label, params.guidance_scale, params.guided) == (2, 1.0, False)
     Engine(registry, Settings(), Metrics(), CPU, torch.float32).warm_up()
+    assert list(registry.models) == ["no-null"] and not registry.unavailable
