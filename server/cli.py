@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from denoised.server.settings import BATCHING_MODES, DEVICES, DTYPES, settings_from_env
 
@@ -98,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_env(**args)
     except ValueError as exc:
         parser.error(str(exc))
-    from denoised.models.checkpoint import check_model_dir
+    from denoised.models.checkpoint import CONFIG_FILE, check_model_dir
     from denoised.server.launcher import serve
 
+    # A path that is no model directory at all (a typo, a .pt file, a pipeline folder) is a
+    # usage error; one with a config.json that then fails to load is left out at load time.
     for directory in settings.models:
-        try:
-            check_model_dir(directory)
-        except ValueError as exc:
-            parser.error(str(exc))
+        if not (Path(directory) / CONFIG_FILE).is_file():
+            try:
+                check_model_dir(directory)
+            except ValueError as exc:
+                parser.error(str(exc))
 
     serve(settings)
     return 0
