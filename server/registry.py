@@ -268,12 +268,15 @@ class ServedModel:
         except ValueError as exc:
             raise FieldError(_option_param(str(exc), options), str(exc)) from None
         height, width = (int(v) for v in size.split("x"))
-        work = fields.n * state.nfe * height * width
+        guided = label_id is not None and scale != 1.0
+        # A guided sample runs two backbone rows per evaluation (conditional, unconditional).
+        work = fields.n * state.nfe * height * width * (2 if guided else 1)
         if work > settings.max_work:
             raise FieldError(
                 "n",
-                f"n × evaluations × pixels = {work:.3g} exceeds this server's per-request "
-                f"work limit of {settings.max_work:.3g}; ask for fewer images, steps or pixels",
+                f"n × evaluations × pixels{' × 2 (guidance)' if guided else ''} = {work:.3g} "
+                f"exceeds this server's per-request work limit of {settings.max_work:.3g}; ask "
+                "for fewer images, steps or pixels",
             )
         params = GenerationParams(
             request_id=request_id,
@@ -294,7 +297,7 @@ class ServedModel:
             timeout=timeout,
             stream=fields.stream,
             preview=fields.preview,
-            guided=label_id is not None and scale != 1.0,
+            guided=guided,
         )
         return params, state
 

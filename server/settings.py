@@ -31,7 +31,7 @@ class Settings:
     max_steps: int = 1000
     max_timeout: float = 600.0
     default_timeout: float = 300.0
-    max_work: float = 2.0e9  # n × model evaluations × pixels a single request may ask for
+    max_work: float = 2.0e9  # n × evaluations × pixels (× 2 guided) one request may ask for
     max_body_bytes: int = 64 * 1024
     preview_size: int = 32  # longest side of the streamed x0 previews, pixels
     warmup: bool = True  # one small generation per model before /ready turns true

@@ -18,7 +18,9 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 MAX_STEPS = 20
-MAX_WORK = 6000  # n × evaluations × pixels on 8×8: n=4 at 20 steps fits, not with Heun (39)
+# n × evaluations × pixels (× 2 guided) on 8×8: n=4 at 20 steps fits, not with Heun (39 evals)
+# nor with guidance
+MAX_WORK = 6000
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,7 @@ def assert_named_error(response: httpx.Response, status: int, param, *phrases: s
         ({"label": "\u202e9" * 100}, "label", ["unknown class"]),
         ({"label": 10}, "label", ["0..9"]),
         ({"n": 4, "sampler": "heun"}, "n", ["work limit"]),
+        ({"n": 4, "label": "3", "guidance_scale": 2}, "n", ["work limit", "× 2 (guidance)"]),
         ({"stream": True, "response_format": "bytes"}, "response_format", ["stream"]),
     ],
 )
