@@ -132,6 +132,7 @@ def load_weights(
 CONVERT_HINT = (
     "convert it once with `denoised convert {src} <output-dir>` and serve the output directory"
 )
+PICKLE_HINT = "pickle files are not loaded at serve time because unpickling can run arbitrary code"
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -143,8 +144,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise ValueError(
-                f"{path} is a pickle checkpoint: pickle files are not loaded at serve time "
-                "because unpickling can run arbitrary code; " + CONVERT_HINT.format(src=path)
+                f"{path} is a pickle checkpoint: {PICKLE_HINT}; " + CONVERT_HINT.format(src=path)
             )
         if path.suffix == ".safetensors":
             raise ValueError(
@@ -163,8 +163,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         if pickles:
             raise ValueError(
                 f"{path} holds pickle checkpoints ({', '.join(pickles)}) and no {WEIGHTS_FILE}: "
-                "pickle files are not loaded at serve time because unpickling can run "
-                "arbitrary code; " + CONVERT_HINT.format(src=path / pickles[0])
+                f"{PICKLE_HINT}; " + CONVERT_HINT.format(src=path / pickles[0])
             )
         if (path / "model_index.json").exists():
             raise ValueError(
@@ -175,12 +174,23 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path`; ValueError naming the file when it is missing, not JSON or
+    not an object."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
 def read_config(path: Path) -> dict:
     file = path / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    config = read_json_object(file)
     for key in ("family", "architecture", "process"):
         if key not in config:
             raise ValueError(f"{file} lacks the required key {key!r}")
@@ -293,6 +303,8 @@ def save_model_dir(
     _write_weights(backbone, path / WEIGHTS_FILE)
     if vae is not None:
         _write_weights(vae, path / VAE_WEIGHTS_FILE)
+    else:  # an earlier model's decoder in this directory must not be served with this one
+        (path / VAE_WEIGHTS_FILE).unlink(missing_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path
 

@@ -25,10 +25,8 @@ from pathlib import Path
 import torch
 
 from denoised.models.checkpoint import (
-    CONFIG_FILE,
-    VAE_WEIGHTS_FILE,
-    WEIGHTS_FILE,
     load_weights,
+    read_json_object,
     read_safetensors,
     save_model_dir,
 )
@@ -41,7 +39,6 @@ from denoised.models.vae import VAEConfig, VAEDecoder, vae_decoder_state_dict
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 # The files a model directory consists of (what `save_model_dir` writes).
-MODEL_DIR_FILES = (CONFIG_FILE, WEIGHTS_FILE, VAE_WEIGHTS_FILE)
 # Model ids: they appear in URLs, JSON and metrics labels, so plain characters only.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FAMILY_NAMES = {"dit": "DiT", "sit": "SiT"}
@@ -441,26 +438,8 @@ def check_class_names(names: list[str]) -> list[str]:
     return names
 
 
-def _class_names_for(names: list[str] | None, num_classes: int | None) -> list[str] | None:
-    if names is not None and len(names) != (num_classes or 0):
-        raise ValueError(f"{len(names)} class names given for a model with {num_classes} classes")
-    return names
-
-
 # ---------------------------------------------------------------------------------------------
 # Folders and files
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
 
 
 def check_model_name(name: str) -> str:
@@ -480,13 +459,6 @@ def check_output(dst: Path, force: bool = False) -> None:
         raise UsageError(f"output {dst} is an existing file, not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise UsageError(f"output directory {dst} is not empty; pass --force to overwrite it")
-
-
-def _save(dst: Path, backbone, config: dict, vae: VAEDecoder | None) -> Path:
-    # With force, files from an earlier model in `dst` (a VAE the new one lacks) must not stay.
-    for name in MODEL_DIR_FILES:
-        (dst / name).unlink(missing_ok=True)
-    return save_model_dir(dst, backbone, config, vae=vae)
 
 
 def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -510,7 +482,7 @@ def read_diffusers_vae(folder: Path) -> VAEDecoder:
         raise ValueError(
             f"{folder} is not a VAE folder (no config.json) but holds one: pass {folder / 'vae'}"
         )
-    vae = VAEDecoder(vae_config_from_diffusers(_read_json(folder / "config.json")))
+    vae = VAEDecoder(vae_config_from_diffusers(read_json_object(folder / "config.json")))
     load_weights(vae, vae_decoder_state_dict(_diffusers_weights(folder)), f"VAE in {folder}")
     return vae
 
@@ -529,18 +501,20 @@ def convert_diffusers_pipeline(
     src, dst = Path(src), Path(dst)
     name = check_model_name(name or dst.name)
     check_output(dst, force)
-    index = _read_json(src / "model_index.json")
+    index = read_json_object(src / "model_index.json")
     pipeline = index.get("_class_name")
-    process = process_from_scheduler_config(_read_json(src / "scheduler" / "scheduler_config.json"))
+    process = process_from_scheduler_config(
+        read_json_object(src / "scheduler" / "scheduler_config.json")
+    )
     config = {"name": name, "process": process, "source": f"diffusers {pipeline}"}
 
     def names_for(num_classes: int | None) -> list[str] | None:
         if class_names is not None:
-            return _class_names_for(class_names, num_classes)
+            return class_names
         return class_names_from_id2label(index.get("id2label"), num_classes, distinct=True)
 
     if pipeline == "DiTPipeline":
-        arch = dit_config_from_diffusers(_read_json(src / "transformer" / "config.json"))
+        arch = dit_config_from_diffusers(read_json_object(src / "transformer" / "config.json"))
         backbone = DiT(arch)
         state = dit_state_dict_from_diffusers(_diffusers_weights(src / "transformer"))
         load_weights(backbone, state, f"transformer in {src}")
@@ -549,13 +523,13 @@ def convert_diffusers_pipeline(
             class_names=names_for(arch.num_classes),
             guided_channels=arch.in_channels,  # DiTPipeline guides every latent channel
         )
-        return _save(dst, backbone, config, read_diffusers_vae(src / "vae"))
+        return save_model_dir(dst, backbone, config, vae=read_diffusers_vae(src / "vae"))
     if pipeline == "DDPMPipeline":
-        arch = unet_config_from_diffusers(_read_json(src / "unet" / "config.json"))
+        arch = unet_config_from_diffusers(read_json_object(src / "unet" / "config.json"))
         backbone = UNet(arch)
         load_weights(backbone, _diffusers_weights(src / "unet"), f"unet in {src}")
         config.update(family="unet", class_names=names_for(arch.num_classes))
-        return _save(dst, backbone, config, None)
+        return save_model_dir(dst, backbone, config, vae=None)
     raise ValueError(
         f"unsupported diffusers pipeline {pipeline!r}; expected DiTPipeline or DDPMPipeline"
     )
@@ -588,11 +562,13 @@ def convert_original_checkpoint(
         "name": name,
         "family": family,
         "process": DDPM_LINEAR_PROCESS if family == "dit" else SIT_PROCESS,
-        "class_names": _class_names_for(class_names, arch.num_classes),
+        "class_names": class_names,
         "guided_channels": min(ORIGINAL_DIT_GUIDED_CHANNELS, arch.in_channels),
         "source": f"original {_FAMILY_NAMES[family]} checkpoint {src.name}",
     }
-    return _save(dst, backbone, config, None if vae is None else read_diffusers_vae(Path(vae)))
+    return save_model_dir(
+        dst, backbone, config, vae=None if vae is None else read_diffusers_vae(Path(vae))
+    )
 
 
 def read_class_names(path: Path) -> list[str]:

@@ -96,8 +96,7 @@ def _validate(name: str, options: dict) -> None:
     order = options.get("order")
     if "order" in options and (type(order) is not int or order not in _ORDERS[name]):
         raise ValueError(
-            f"option 'order' for sampler {name!r} must be one of {_ORDERS[name]}; "
-            f"got {options['order']!r}"
+            f"option 'order' for sampler {name!r} must be one of {_ORDERS[name]}; got {order!r}"
         )
     eta = options.get("eta", 0.0)
     # η scales DDPM's posterior noise; above 1 the noise would exceed σ_next itself.

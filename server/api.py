@@ -32,7 +32,13 @@ from denoised.server.openai_stream import (
     PartialImageEvent,
     partial_image_steps,
 )
-from denoised.server.registry import FieldError, ModelUnavailable, UnknownModel
+from denoised.server.registry import (
+    FieldError,
+    ModelRegistry,
+    ModelUnavailable,
+    ServedModel,
+    UnknownModel,
+)
 from denoised.server.schemas import (
     ErrorResponse,
     GenerateRequest,
@@ -257,6 +263,16 @@ async def _event_stream(
             engine.cancel(job)
 
 
+def _served_model(registry: ModelRegistry, name: str | None, param: str) -> ServedModel:
+    """The model a request names: 404 when none is so named, 503 when it failed to load."""
+    try:
+        return registry.get(name)
+    except UnknownModel as exc:
+        raise APIError(404, str(exc), param=param) from None
+    except ModelUnavailable as exc:
+        raise APIError(503, str(exc), param=param) from None
+
+
 async def _generate(
     request: Request,
     body: SamplingFields,
@@ -268,12 +284,7 @@ async def _generate(
     server = _state(request)
     engine, registry = server.ready_engine()
     request_id = request.state.request_id
-    try:
-        model = registry.get(body.model)
-    except UnknownModel as exc:
-        raise APIError(404, str(exc), param="model") from None
-    except ModelUnavailable as exc:
-        raise APIError(503, str(exc), param="model") from None
+    model = _served_model(registry, body.model, "model")
     try:
         params, sampler_state = model.prepare(
             body, label, label_param, server.settings, request_id, engine.device
@@ -400,12 +411,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     async def get_model(model_id: str, request: Request) -> ModelCard:
         _, registry = _state(request).ready_engine()
-        try:
-            return registry.get(model_id).card()
-        except UnknownModel as exc:
-            raise APIError(404, str(exc), param="model_id") from None
-        except ModelUnavailable as exc:
-            raise APIError(503, str(exc), param="model_id") from None
+        return _served_model(registry, model_id, "model_id").card()
 
     @app.get("/health", response_model=Health, tags=["operations"], summary="Process alive")
     async def health() -> Health:

@@ -58,7 +58,7 @@ def _candidate(job: Job) -> Candidate:
 
 def _rows(jobs: list[Job]) -> int:
     """Backbone rows of a forward over `jobs` (guided samples count twice)."""
-    return sum(_candidate(job).cost for job in jobs)
+    return sum(job.params.rows for job in jobs)
 
 
 def _memory_reader(device: torch.device):
@@ -79,9 +79,10 @@ def _about(job: Job) -> dict:
     return {"request_id": job.params.request_id}
 
 
-def _log_outcome(job: Job, outcome: str) -> None:
+def _log_outcome(job: Job, outcome: str, level: int = logging.INFO) -> None:
     p = job.params
-    log.info(
+    log.log(
+        level,
         "request %s %s: model=%s sampler=%s steps=%d/%d n=%d guidance=%g %.3fs",
         p.request_id, outcome, p.model, p.sampler, job.state.step_index, p.nfe, p.n,
         p.guidance_scale, time.monotonic() - job.admitted_at, extra=_about(job),
@@ -272,7 +273,6 @@ class Engine:
         for job in jobs:
             p = job.params
             if job in failed:
-                log.error("request %s failed: %s", p.request_id, failed[job], extra=_about(job))
                 self._end(job, JobError(500, failed[job], "internal_error"), "failed")
                 continue
             self.metrics.steps.labels(model=model, sampler=p.sampler).inc()
@@ -319,8 +319,10 @@ class Engine:
         limit = self.limits[model]
         before = limit.rows
         limit.record(ran, out_of_memory)
-        self.metrics.out_of_memory.labels(model=model).inc(len(out_of_memory))
-        self.metrics.batch_limit.labels(model=model).set(limit.rows)
+        if out_of_memory:
+            self.metrics.out_of_memory.labels(model=model).inc(len(out_of_memory))
+        if limit.rows != before:
+            self.metrics.batch_limit.labels(model=model).set(limit.rows)
         if limit.rows < before:
             log.warning("%s: forwards limited to %d rows after running out of memory",
                         model, limit.rows)  # fmt: skip
@@ -338,7 +340,8 @@ class Engine:
         self._remove(job, finishing=False)
         p = job.params
         self.metrics.requests.labels(model=p.model, sampler=p.sampler, status=status).inc()
-        _log_outcome(job, f"{status} ({error.status}: {error.message})")
+        level = logging.ERROR if status == "failed" else logging.INFO
+        _log_outcome(job, f"{status} ({error.status}: {error.message})", level)
         job.finish(error)
 
     def _complete(self, job: Job) -> None:

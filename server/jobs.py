@@ -43,6 +43,11 @@ class GenerationParams:
     guided: bool  # whether unconditional rows run alongside (class label and scale != 1)
 
     @property
+    def rows(self) -> int:
+        """Backbone rows per evaluation: a guided sample also runs unconditionally."""
+        return self.n * (2 if self.guided else 1)
+
+    @property
     def batch_key(self) -> tuple:
         """Equal for requests that request-level batching may put in one batch."""
         options = tuple(sorted(self.sampler_options.items()))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-import denoised.models.zoo as zoo
 from denoised.models.checkpoint import (
     CONFIG_FILE,
     VAE_WEIGHTS_FILE,
@@ -21,20 +20,19 @@ from denoised.models.checkpoint import (
     load_model_dir,
 )
 from denoised.models.samplers import SAMPLER_NAMES, create_sampler
+from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
 from denoised.server.jobs import GenerationParams
 from denoised.server.schemas import ModelCard, ModelDefaults, SamplingFields
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")
 
-# The zoo models `denoised serve` serves when no model is named, in this order.
-DEFAULT_ZOO_MODELS = ("digits-dit", "digits-flow", "digits-unet")
-
 
 def default_model_dirs() -> list[Path]:
-    """The shipped zoo models (`models/zoo/<name>/`), in `DEFAULT_ZOO_MODELS` order."""
-    root = Path(zoo.__file__).parent
-    shipped = [root / n for n in DEFAULT_ZOO_MODELS if (root / n / "config.json").is_file()]
+    """The shipped zoo models (`models/zoo/<name>/`), in `ZOO_MODELS` order: what `denoised
+    serve` serves when no model is named."""
+    root = ZOO_DIR
+    shipped = [root / n for n in ZOO_MODELS if (root / n / CONFIG_FILE).is_file()]
     if not shipped:
         raise ValueError(
             f"no shipped models under {root}; name model directories with --model DIR "
@@ -268,7 +266,7 @@ class ServedModel:
         except ValueError as exc:
             raise FieldError(_option_param(str(exc), options), str(exc)) from None
         height, width = (int(v) for v in size.split("x"))
-        guided = label_id is not None and scale != 1.0
+        guided = scale != 1.0  # _guidance returns 1 without a label
         # A guided sample runs two backbone rows per evaluation (conditional, unconditional).
         work = fields.n * state.nfe * height * width * (2 if guided else 1)
         if work > settings.max_work:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from denoised.models.checkpoint import MAX_GUIDANCE_SCALE
 from denoised.models.samplers import SAMPLER_NAMES
 
 SamplerName = Literal[SAMPLER_NAMES]  # an enumeration in the OpenAPI schema
@@ -77,7 +78,7 @@ class SamplingFields(BaseModel):
     guidance_scale: float | None = Field(
         None,
         ge=0.0,
-        le=100.0,
+        le=MAX_GUIDANCE_SCALE,
         description="Classifier-free guidance scale w in u + w·(c − u); 1 disables guidance.",
     )
     seed: int | None = Field(

@@ -17,12 +17,10 @@ def server(launch):
 
 
 @pytest.fixture(scope="session")
-def one_slot_server(launch):
+def one_slot_server(launch_env):
     """One sample per forward and one waiting request: a third concurrent request gets 429.
     It also requires an API key (`k1`)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("DENOISED_API_KEYS", "k1")
-        return launch("--max-batch", "1", "--max-queue", "1")
+    return launch_env({"DENOISED_API_KEYS": "k1"}, "--max-batch", "1", "--max-queue", "1")
 
 
 @pytest.fixture(scope="session")

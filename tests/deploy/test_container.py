@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from deploy_helpers import REPO, SETUP_HINT, generate, wait_until_ready
+from deploy_helpers import REPO, SETUP_HINT, generate, require_tool, wait_until_ready
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serving import free_port
@@ -46,7 +46,8 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 def require_podman() -> None:
     """Skip only where podman cannot run a container at all; a missing base image is a setup
-    step left out (a failure in CI, whose .ci/run does it)."""
+    step left out (a failure in CI, whose .ci/run does it), as is a missing podman."""
+    require_tool(PODMAN)
     try:
         podman("info", timeout=60)
     except (FileNotFoundError, AssertionError, subprocess.TimeoutExpired) as exc:

@@ -197,7 +197,7 @@ def fuzz_cases() -> int:
 def test_schema_fuzzing_finds_no_server_error(server):
     """schemathesis: valid (positive) and schema-violating (negative) cases for every
     operation of /openapi.json, spread over the operations by how many inputs they take."""
-    schemathesis = pytest.importorskip("schemathesis")
+    import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode

@@ -20,6 +20,7 @@ import httpx
 from denoised_client._core import (
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
+    NO_RETRY,
     Attempts,
     ClientConfig,
     EventParser,
@@ -129,9 +130,9 @@ class AsyncClient:
         json: dict | None = None,
         stream: bool = False,
         timeout: httpx.Timeout | None = None,
-        retry: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> httpx.Response:
-        attempts = Attempts(self.config.retry, f"{method} {path}")
+        attempts = Attempts(retry or self.config.retry, f"{method} {path}")
         request = self._http.build_request(
             method, path, json=json, timeout=timeout or self.config.http_timeout()
         )
@@ -146,8 +147,6 @@ class AsyncClient:
                 await response.aread()
                 await response.aclose()
                 error = status_error(response)
-            if not retry:
-                raise error
             await asyncio.sleep(attempts.wait(error))
 
     # Generation.
@@ -221,7 +220,8 @@ class AsyncClient:
 
     async def health(self) -> bool:
         try:
-            return (await self._send("GET", "/health", retry=False)).is_success
+            await self._send("GET", "/health", retry=NO_RETRY)
+            return True
         except DenoisedError:
             return False
 

@@ -23,6 +23,7 @@ import httpx
 from denoised_client._core import (
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
+    NO_RETRY,
     Attempts,
     ClientConfig,
     EventParser,
@@ -135,10 +136,10 @@ class Client:
         json: dict | None = None,
         stream: bool = False,
         timeout: httpx.Timeout | None = None,
-        retry: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> httpx.Response:
         """One call with retries; returns a success answer or raises the typed error."""
-        attempts = Attempts(self.config.retry, f"{method} {path}")
+        attempts = Attempts(retry or self.config.retry, f"{method} {path}")
         request = self._http.build_request(
             method, path, json=json, timeout=timeout or self.config.http_timeout()
         )
@@ -153,8 +154,6 @@ class Client:
                 response.read()
                 response.close()
                 error = status_error(response)
-            if not retry:
-                raise error
             time.sleep(attempts.wait(error))
 
     # Generation.
@@ -234,7 +233,8 @@ class Client:
     def health(self) -> bool:
         """Whether the process answers `/health` (no retries)."""
         try:
-            return self._send("GET", "/health", retry=False).is_success
+            self._send("GET", "/health", retry=NO_RETRY)
+            return True
         except DenoisedError:
             return False
 
