@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Container
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -199,14 +198,11 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _previews(
-    engine: Engine, job: Job, steps: Container[int] | None = None
-) -> AsyncIterator[tuple[Progress, str | None]]:
-    """The job's progress, with its preview (if any, and only after the evaluations in `steps`
-    when given) as a base64 PNG rendered off the loop."""
+async def _previews(engine: Engine, job: Job) -> AsyncIterator[tuple[Progress, str | None]]:
+    """The job's progress, with its preview (if any) as a base64 PNG rendered off the loop."""
     while (progress := await job.events.get()) is not None:
         preview = None
-        if progress.preview is not None and (steps is None or progress.step in steps):
+        if progress.preview is not None:
             png = await run_in_threadpool(engine.render_preview, job.params.model, progress.preview)
             preview = base64.b64encode(png).decode("ascii")
         yield progress, preview
@@ -222,13 +218,13 @@ async def _native_stream(engine: Engine, job: Job) -> AsyncIterator[bytes]:
     yield _sse("completed", _render_json(False, job, job.result.result()))
 
 
-async def _openai_stream(engine: Engine, job: Job, partial_images: int = 0) -> AsyncIterator[bytes]:
+async def _openai_stream(engine: Engine, job: Job) -> AsyncIterator[bytes]:
     """OpenAI's image events (`openai_stream`): partial images — `partial_images` of them at
-    evenly spaced evaluations, or else one per preview (`preview`) — then one completed event
-    per image."""
+    evenly spaced evaluations (the job's `preview_steps`), or else one per preview
+    (`preview`) — then one completed event per image."""
     p = job.params
-    indexes = partial_image_steps(p.nfe, partial_images) if partial_images else None
-    async for progress, preview in _previews(engine, job, indexes):
+    indexes = job.preview_steps
+    async for progress, preview in _previews(engine, job):
         if preview is None:  # OpenAI's stream has partial images, no bare progress
             continue
         event = PartialImageEvent(
@@ -280,6 +276,7 @@ async def _generate(
     label_param: str,
     openai_shape: bool,
     events: Callable[[Engine, Job], AsyncIterator[bytes]],
+    partial_images: int = 0,
 ) -> Response:
     server = _state(request)
     engine, registry = server.ready_engine()
@@ -292,6 +289,8 @@ async def _generate(
     except FieldError as exc:
         raise APIError(422, str(exc), param=exc.param) from None
     job = Job(params, sampler_state, asyncio.get_running_loop())
+    if partial_images:  # previews only after the evaluations that send a partial image
+        job.preview_steps = partial_image_steps(params.nfe, partial_images)
     try:
         engine.submit(job)
     except JobError as exc:
@@ -369,9 +368,8 @@ def create_app(settings: Settings) -> FastAPI:
         partial_images = body.partial_images or 0
         if partial_images:  # partial images are the job's previews, sent at chosen evaluations
             body = body.model_copy(update={"preview": True})
-        events = functools.partial(_openai_stream, partial_images=partial_images)
         return await _generate(
-            request, body, body.prompt, "prompt", openai_shape=True, events=events
+            request, body, body.prompt, "prompt", True, _openai_stream, partial_images
         )
 
     @app.post(

@@ -279,7 +279,9 @@ class Engine:
             if job in first:
                 self.metrics.time_to_first_step.labels(model=model).observe(now - job.admitted_at)
             if job.events is not None:
-                preview = predictions[job][:1].float().cpu() if p.preview else None
+                steps = job.preview_steps
+                wanted = p.preview and (steps is None or job.state.step_index in steps)
+                preview = predictions[job][:1].float().cpu() if wanted else None
                 job.post_progress(Progress(job.state.step_index, p.nfe, preview))
             if job.state.done:
                 self._complete(job)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,9 @@ class Job:
     admitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # first forward chosen
     cancelled: bool = False  # set from the event loop; the engine drops the job next iteration
+    # With `params.preview`: the evaluations (1-based) that get a preview, None for every one;
+    # a mapping carries what the stream numbers them by (OpenAI's partial_image_index).
+    preview_steps: Mapping[int, int] | None = None
     result: asyncio.Future = field(init=False)
     events: asyncio.Queue | None = field(init=False)  # Progress, then None when finished
 
