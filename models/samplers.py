@@ -562,8 +562,8 @@ def step_batch(
     model_t = torch.cat([t] + [t_per_state[i] for i in extra])
     model_y = None
     if has_labels:
-        nulls = [torch.full((counts[i],), null_label, dtype=torch.int64) for i in extra]
-        model_y = torch.cat([y.to(device) for y in labels] + [z.to(device) for z in nulls])
+        nulls = torch.full((sum(counts[i] for i in extra),), null_label, dtype=torch.int64)
+        model_y = torch.cat([y.to(device) for y in labels] + [nulls.to(device)])
     out = model_fn(model_x, model_t, model_y)
     channels = x.shape[1]
     cond, uncond = out[: x.shape[0], :channels], out[x.shape[0] :, :channels]

@@ -2,7 +2,7 @@
 
 A pytest plugin (registered in tests/conftest.py), so every test folder gets the same
 fixtures: `model_dirs`, `launch(*flags, defaults=False)`, `launch_env(env, *flags)`,
-`server` and `closed_port`. Servers run until the end of the session, then get SIGINT.
+`server`, `shipped` and `closed_port`. Servers run until the end of the session, then get SIGINT.
 """
 
 import os
@@ -96,6 +96,12 @@ def launch_env(launch):
             return launch(*flags)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def shipped(launch) -> Server:
+    """One server with the shipped defaults (no model flags: the zoo models)."""
+    return launch(defaults=True)
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ import httpx
 import pytest
 from deploy_helpers import REPO, SETUP_HINT, generate, require_tool, wait_until_ready
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from serving import free_port
+from serving_helpers import metric_samples
 
 from denoised.server.registry import default_model_dirs
 
@@ -169,12 +169,7 @@ def test_container_serves_the_default_model(image):
         model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]
         body = generate_png(base, model)
 
-        text = httpx.get(f"{base}/metrics", timeout=10).text
-        samples = {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
+        samples = metric_samples(base)
         assert samples[("denoised_images_total", (("model", model["id"]),))] == 1
         assert samples[("denoised_ready", ())] == 1
         ok = (("model", model["id"]), ("sampler", body["sampler"]), ("status", "ok"))

@@ -12,11 +12,6 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def shipped(launch):
-    return launch(defaults=True)
-
-
 def request_examples(schema: dict) -> list[tuple[str, dict]]:
     """(path, body) for every example of every POST body: whole-body examples as they are,
     a field's examples as a body of that field alone."""

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.e2e
 ZOO = ["digits-dit", "digits-flow", "digits-unet"]
 
 
-def test_serve_without_models_serves_the_zoo_and_draws_the_asked_digit(launch):
-    server = launch(defaults=True)
+def test_serve_without_models_serves_the_zoo_and_draws_the_asked_digit(shipped):
+    server = shipped
     cards = httpx.get(server.url + "/v1/models").json()["data"]
     assert [card["id"] for card in cards] == ZOO
     judge = load_judge()
