@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from denoised.models.presets import PRESET_NAMES, build_preset, build_preset_vae
+from denoised.models.checkpoints.presets import PRESET_NAMES, build_preset, build_preset_vae
 
 
 def seconds_per_call(fn, repeats: int) -> float:

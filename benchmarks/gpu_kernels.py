@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from denoised.kernels.attention import AttentionConfig, attention_config, flash_attention_triton
 from denoised.kernels.guidance import guided_update_reference, guided_update_triton
-from denoised.models.dit import DiT
-from denoised.models.presets import build_preset
+from denoised.models.backbones.dit import DiT
+from denoised.models.checkpoints.presets import build_preset
 
 
 @contextmanager
@@ -201,8 +201,8 @@ def bench_dit(
 ) -> None:
     """One block and a full guided sampling run, `fused` (DENOISED_ATTENTION/DENOISED_FUSED)
     against eager; the backbone already on its device and dtype."""
-    from denoised.models.process import process_from_config
-    from denoised.models.samplers import create_sampler, sample
+    from denoised.models.sampling.process import process_from_config
+    from denoised.models.sampling.samplers import create_sampler, sample
 
     param = next(backbone.parameters())
     device, dtype = param.device, param.dtype

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models")
 
 from gaussian_mixture import GaussianMixture, sampler_rmse
 
-from denoised.models.process import FlowProcess, VPProcess
+from denoised.models.sampling.process import FlowProcess, VPProcess
 
 DETERMINISTIC = ("ddim", "dpmpp-2m", "dpmpp-3m", "euler", "heun", "unipc")
 NFES = (5, 10, 20, 50)

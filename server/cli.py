@@ -83,7 +83,7 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
-        from denoised.models.convert import main as convert_main
+        from denoised.models.checkpoints.convert import main as convert_main
 
         return convert_main(argv[1:])
     parser = argparse.ArgumentParser(
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_env(**args)
     except ValueError as exc:
         parser.error(str(exc))
-    from denoised.models.checkpoint import CONFIG_FILE, check_model_dir
+    from denoised.models.checkpoints.model_dir import CONFIG_FILE, check_model_dir
     from denoised.server.launcher import serve
 
     # A path that is no model directory at all (a typo, a .pt file, a pipeline folder) is a

@@ -13,9 +13,9 @@ import time
 
 import uvicorn
 
-from denoised.server.api import create_app
+from denoised.server.http.api import create_app
+from denoised.server.http.middleware import RequestIdLogFilter
 from denoised.server.lifecycle import ServerState
-from denoised.server.middleware import RequestIdLogFilter
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")

@@ -10,8 +10,8 @@ import threading
 
 import torch
 
-from denoised.server.engine import Engine
-from denoised.server.errors import APIError
+from denoised.server.engine.loop import Engine
+from denoised.server.http.errors import APIError
 from denoised.server.metrics import Metrics
 from denoised.server.registry import (
     ModelRegistry,

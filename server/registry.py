@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from denoised.models.checkpoint import (
+from denoised.models.checkpoints.model_dir import (
     CONFIG_FILE,
     VAE_WEIGHTS_FILE,
     WEIGHTS_FILE,
     load_model_dir,
 )
-from denoised.models.samplers import SAMPLER_NAMES, create_sampler
+from denoised.models.sampling.samplers import SAMPLER_NAMES, create_sampler
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
-from denoised.server.jobs import GenerationParams
-from denoised.server.schemas import ModelCard, ModelDefaults, SamplingFields
+from denoised.server.engine.jobs import GenerationParams
+from denoised.server.http.schemas import ModelCard, ModelDefaults, SamplingFields
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from denoised.models.checkpoint import load_model_dir
+from denoised.models.checkpoints.model_dir import load_model_dir
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
 from denoised.models.zoo.evaluate import generate, load_results
 from denoised.models.zoo.train import load_recipes

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from denoised.models.checkpoint import LoadedModel, load_model_dir
-from denoised.models.samplers import SAMPLER_NAMES, create_sampler, sample
+from denoised.models.checkpoints.model_dir import LoadedModel, load_model_dir
+from denoised.models.sampling.samplers import SAMPLER_NAMES, create_sampler, sample
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
 from denoised.models.zoo.cli import positive_int
 from denoised.models.zoo.data import load_digits_split

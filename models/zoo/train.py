@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from denoised.models.checkpoint import build_backbone, save_model_dir
-from denoised.models.dit import DiT
-from denoised.models.process import FlowProcess, Process, VPProcess, process_from_config
+from denoised.models.backbones.dit import DiT
+from denoised.models.checkpoints.model_dir import build_backbone, save_model_dir
+from denoised.models.sampling.process import FlowProcess, Process, VPProcess, process_from_config
 from denoised.models.zoo.cli import positive_int
 from denoised.models.zoo.data import CLASS_NAMES, DigitsSplit, load_digits_split
 

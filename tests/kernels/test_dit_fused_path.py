@@ -6,7 +6,7 @@ import pytest
 import torch
 from guards import DEVICE
 
-from denoised.models.dit import DiT, DiTConfig
+from denoised.models.backbones.dit import DiT, DiTConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from denoised.models.grids import make_grid
-from denoised.models.process import FlowProcess, Process
-from denoised.models.samplers import create_sampler, sample
+from denoised.models.sampling.grids import make_grid
+from denoised.models.sampling.process import FlowProcess, Process
+from denoised.models.sampling.samplers import create_sampler, sample
 
 
 @dataclass

@@ -8,7 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from denoised.models.checkpoint import (
+from denoised.models.backbones.dit import DiT, DiTConfig
+from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.backbones.vae import VAEConfig, VAEDecoder
+from denoised.models.checkpoints.model_dir import (
     CONFIG_FILE,
     VAE_WEIGHTS_FILE,
     WEIGHTS_FILE,
@@ -16,10 +19,7 @@ from denoised.models.checkpoint import (
     load_model_dir,
     save_model_dir,
 )
-from denoised.models.dit import DiT, DiTConfig
-from denoised.models.presets import DDPM_LINEAR_PROCESS
-from denoised.models.unet import UNet, UNetConfig
-from denoised.models.vae import VAEConfig, VAEDecoder
+from denoised.models.checkpoints.presets import DDPM_LINEAR_PROCESS
 
 TINY_DIT = DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=3)
 TINY_VAE = VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8)

@@ -24,8 +24,8 @@ from diffusers_reference import (
     random_vae,
 )
 
-from denoised.models.checkpoint import load_model_dir
-from denoised.models.convert import main, process_from_scheduler_config
+from denoised.models.checkpoints.convert import main, process_from_scheduler_config
+from denoised.models.checkpoints.model_dir import load_model_dir
 
 
 @pytest.fixture

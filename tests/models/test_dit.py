@@ -15,15 +15,15 @@ from diffusers_reference import (
     random_diffusers_dit,
 )
 
-from denoised.models.checkpoint import load_model_dir
-from denoised.models.convert import (
+from denoised.models.backbones.dit import DiT, DiTBlock, DiTConfig, dit_config
+from denoised.models.backbones.embeddings import sincos_2d
+from denoised.models.checkpoints.convert import (
     convert_original_checkpoint,
     dit_config_from_diffusers,
     dit_from_original_state_dict,
     dit_state_dict_from_diffusers,
 )
-from denoised.models.dit import DiT, DiTBlock, DiTConfig, dit_config
-from denoised.models.embeddings import sincos_2d
+from denoised.models.checkpoints.model_dir import load_model_dir
 
 
 def test_matches_diffusers_through_converter():

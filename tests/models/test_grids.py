@@ -11,8 +11,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from denoised.models.grids import VP_SPACINGS, make_grid
-from denoised.models.process import FlowProcess, VPProcess
+from denoised.models.sampling.grids import VP_SPACINGS, make_grid
+from denoised.models.sampling.process import FlowProcess, VPProcess
 
 # diffusers converts a tensor through NumPy with a deprecated copy keyword.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -3,10 +3,15 @@
 import pytest
 import torch
 
-from denoised.models.checkpoint import load_model_dir
-from denoised.models.dit import DiT
-from denoised.models.presets import PRESET_NAMES, build_preset, build_preset_vae, materialize_preset
-from denoised.models.vae import VAEConfig
+from denoised.models.backbones.dit import DiT
+from denoised.models.backbones.vae import VAEConfig
+from denoised.models.checkpoints.model_dir import load_model_dir
+from denoised.models.checkpoints.presets import (
+    PRESET_NAMES,
+    build_preset,
+    build_preset_vae,
+    materialize_preset,
+)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from denoised.models.process import (
+from denoised.models.sampling.process import (
     FlowProcess,
     VPProcess,
     process_from_config,

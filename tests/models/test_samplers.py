@@ -7,9 +7,9 @@ import pytest
 import torch
 from gaussian_mixture import GaussianMixture, mixture_model
 
-from denoised.models.grids import make_grid
-from denoised.models.process import FlowProcess, Process, VPProcess
-from denoised.models.samplers import (
+from denoised.models.sampling.grids import make_grid
+from denoised.models.sampling.process import FlowProcess, Process, VPProcess
+from denoised.models.sampling.samplers import (
     SAMPLER_NAMES,
     build_plan,
     create_sampler,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from gaussian_mixture import GaussianMixture, mixture_model, sampler_rmse
 
-from denoised.models.process import FlowProcess, VPProcess
-from denoised.models.samplers import create_sampler, sample
+from denoised.models.sampling.process import FlowProcess, VPProcess
+from denoised.models.sampling.samplers import create_sampler, sample
 
 DETERMINISTIC = ("ddim", "dpmpp-2m", "dpmpp-3m", "euler", "heun", "unipc")
 NFES = (5, 10, 20, 50)

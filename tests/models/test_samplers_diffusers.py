@@ -35,8 +35,8 @@ from diffusers import (
 )
 from gaussian_mixture import GaussianMixture, mixture_model
 
-from denoised.models.process import FlowProcess, Process, VPProcess
-from denoised.models.samplers import create_sampler, sample
+from denoised.models.sampling.process import FlowProcess, Process, VPProcess
+from denoised.models.sampling.samplers import create_sampler, sample
 
 # diffusers' UniPC converts a tensor through NumPy with a deprecated copy keyword.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

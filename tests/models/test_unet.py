@@ -4,9 +4,12 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from denoised.models.checkpoint import load_model_dir
-from denoised.models.convert import convert_diffusers_pipeline, unet_config_from_diffusers
-from denoised.models.unet import UNet, UNetConfig
+from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.checkpoints.convert import (
+    convert_diffusers_pipeline,
+    unet_config_from_diffusers,
+)
+from denoised.models.checkpoints.model_dir import load_model_dir
 
 # google/ddpm-cifar10-32 with its widths divided by 4 and 16x16 inputs.
 CIFAR10_REDUCED = {

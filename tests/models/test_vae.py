@@ -4,8 +4,13 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers_reference import random_vae
 
-from denoised.models.convert import vae_config_from_diffusers
-from denoised.models.vae import VAEConfig, VAEDecoder, legacy_vae_key, vae_decoder_state_dict
+from denoised.models.backbones.vae import (
+    VAEConfig,
+    VAEDecoder,
+    legacy_vae_key,
+    vae_decoder_state_dict,
+)
+from denoised.models.checkpoints.convert import vae_config_from_diffusers
 
 
 def load_ours(ref: AutoencoderKL, state=None) -> VAEDecoder:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from zoo_fixtures import one_thread  # noqa: F401 (autouse)
 
-from denoised.models.checkpoint import build_backbone, load_model_dir
-from denoised.models.process import process_from_config
-from denoised.models.samplers import SAMPLER_NAMES, create_sampler
+from denoised.models.checkpoints.model_dir import build_backbone, load_model_dir
+from denoised.models.sampling.process import process_from_config
+from denoised.models.sampling.samplers import SAMPLER_NAMES, create_sampler
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
 from denoised.models.zoo.data import CLASS_NAMES, load_digits_split
 from denoised.models.zoo.evaluate import BEGIN, END, NFES, generate, sampler_steps, write_doc

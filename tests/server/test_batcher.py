@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from denoised.server.batcher import (
+from denoised.server.engine.batcher import (
     MAX_PROBE_WAIT_FACTOR,
     BatchLimit,
     Candidate,

@@ -11,11 +11,11 @@ import pytest
 import torch
 from tiny_models import write_tiny_models
 
-from denoised.server.engine import Engine
-from denoised.server.jobs import Draining, Job, JobError, JobResult, QueueFull
+from denoised.server.engine.jobs import Draining, Job, JobError, JobResult, QueueFull
+from denoised.server.engine.loop import Engine
+from denoised.server.http.schemas import GenerateRequest
 from denoised.server.metrics import Metrics
 from denoised.server.registry import load_registry
-from denoised.server.schemas import GenerateRequest
 from denoised.server.settings import Settings
 
 CPU = torch.device("cpu")

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from tiny_models import write_tiny_models
 
-from denoised.server.api import create_app
+from denoised.server.http.api import create_app
 from denoised.server.settings import Settings
 
 

@@ -8,7 +8,7 @@ import httpx
 from fastapi.testclient import TestClient
 from serving_helpers import metric_samples, value, wait_for
 
-from denoised.server.api import create_app
+from denoised.server.http.api import create_app
 from denoised.server.metrics import UNMATCHED_ROUTE
 from denoised.server.settings import Settings
 

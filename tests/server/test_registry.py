@@ -14,15 +14,15 @@ from fastapi.testclient import TestClient
 from test_http_api import error_of, images_of
 from tiny_models import write_tiny_models, write_unnamed_dit
 
-from denoised.models.checkpoint import save_model_dir
-from denoised.models.presets import DDPM_LINEAR_PROCESS, materialize_preset
-from denoised.models.unet import UNet, UNetConfig
-from denoised.server.api import create_app
-from denoised.server.engine import Engine
-from denoised.server.jobs import Job
+from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.checkpoints.model_dir import save_model_dir
+from denoised.models.checkpoints.presets import DDPM_LINEAR_PROCESS, materialize_preset
+from denoised.server.engine.jobs import Job
+from denoised.server.engine.loop import Engine
+from denoised.server.http.api import create_app
+from denoised.server.http.schemas import SamplingFields
 from denoised.server.metrics import Metrics
 from denoised.server.registry import FieldError, load_registry
-from denoised.server.schemas import SamplingFields
 from denoised.server.settings import Settings
 
 CPU = torch.device("cpu")

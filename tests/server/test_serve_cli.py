@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from denoised.models.checkpoint import load_model_dir
+from denoised.models.checkpoints.model_dir import load_model_dir
 from denoised.server.cli import main
 
 

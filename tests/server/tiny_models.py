@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from denoised.models.checkpoint import save_model_dir
-from denoised.models.dit import DiT, DiTConfig
-from denoised.models.presets import DDPM_LINEAR_PROCESS
-from denoised.models.vae import VAEConfig, VAEDecoder
+from denoised.models.backbones.dit import DiT, DiTConfig
+from denoised.models.backbones.vae import VAEConfig, VAEDecoder
+from denoised.models.checkpoints.model_dir import save_model_dir
+from denoised.models.checkpoints.presets import DDPM_LINEAR_PROCESS
 
 VP = DDPM_LINEAR_PROCESS
 FLOW = {"type": "flow", "shift": 1.0, "convention": "rf", "num_train_timesteps": 1000,

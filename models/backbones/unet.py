@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denoised.models.architecture import Architecture
-from denoised.models.conv_blocks import (
+from denoised.models.backbones.architecture import Architecture
+from denoised.models.backbones.conv_blocks import (
     Downsample,
     MidBlock,
     ResnetBlock,
     SpatialSelfAttention,
     Upsample,
 )
-from denoised.models.embeddings import timestep_embedding
+from denoised.models.backbones.embeddings import timestep_embedding
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")

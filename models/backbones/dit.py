@@ -8,9 +8,9 @@ has twice the input channels (noise prediction, then the variance interpolation)
 server uses the first half.
 
 Parameter names follow the original DiT release, so its checkpoints load as they are;
-`models/convert.py` maps diffusers' `DiTTransformer2DModel` onto these names. Two settings
-tell the lineages apart: the timestep-frequency shift (original 0, diffusers 1) and the eps
-of the LayerNorm before the MLP (original 1e-6, diffusers 1e-5).
+`models/checkpoints/convert.py` maps diffusers' `DiTTransformer2DModel` onto these names. Two
+settings tell the lineages apart: the timestep-frequency shift (original 0, diffusers 1) and the
+eps of the LayerNorm before the MLP (original 1e-6, diffusers 1e-5).
 
 Every timestep and label is per sample, so one batch can mix requests at different steps.
 """
@@ -31,8 +31,8 @@ from denoised.kernels.adaln import (
     layer_norm_modulate,
 )
 from denoised.kernels.attention import attention
-from denoised.models.architecture import Architecture
-from denoised.models.embeddings import sincos_2d, timestep_embedding
+from denoised.models.backbones.architecture import Architecture
+from denoised.models.backbones.embeddings import sincos_2d, timestep_embedding
 
 # Width of the sinusoidal timestep features fed to the timestep MLP.
 TIME_FREQ_DIM = 256

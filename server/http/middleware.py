@@ -15,7 +15,7 @@ import uuid
 from fastapi import HTTPException
 from starlette.routing import Match
 
-from denoised.server.errors import REQUEST_ID_HEADER, APIError, error_body
+from denoised.server.http.errors import REQUEST_ID_HEADER, APIError, error_body
 from denoised.server.metrics import UNMATCHED_ROUTE, Metrics
 
 _HEADER_KEY = REQUEST_ID_HEADER.lower().encode()

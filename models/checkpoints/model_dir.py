@@ -24,11 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from denoised.models.dit import DiT, DiTConfig
-from denoised.models.process import Process, process_from_config
-from denoised.models.samplers import SAMPLER_NAMES
-from denoised.models.unet import UNet, UNetConfig
-from denoised.models.vae import VAEConfig, VAEDecoder
+from denoised.models.backbones.dit import DiT, DiTConfig
+from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.backbones.vae import VAEConfig, VAEDecoder
+from denoised.models.sampling.process import Process, process_from_config
+from denoised.models.sampling.samplers import SAMPLER_NAMES
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -294,7 +294,7 @@ def save_model_dir(
     config["architecture"] = backbone.config.to_dict()
     config["vae"] = None if vae is None else vae.config.to_dict()
     if "process" not in config:
-        raise ValueError("config needs a 'process' entry (see models/process.py)")
+        raise ValueError("config needs a 'process' entry (see models/sampling/process.py)")
     config["process"] = process_from_config(config["process"]).to_config()
     config.setdefault("name", path.name)
     config = {"format": FORMAT, **config}

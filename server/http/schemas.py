@@ -17,8 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from denoised.models.checkpoint import MAX_GUIDANCE_SCALE
-from denoised.models.samplers import SAMPLER_NAMES
+from denoised.models.checkpoints.model_dir import MAX_GUIDANCE_SCALE
+from denoised.models.sampling.samplers import SAMPLER_NAMES
 
 SamplerName = Literal[SAMPLER_NAMES]  # an enumeration in the OpenAPI schema
 OutputFormat = Literal["png", "webp", "npy"]

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from denoised.server.schemas import GenerationInfo
+from denoised.server.http.schemas import GenerationInfo
 
 PARTIAL_IMAGE = "image_generation.partial_image"
 COMPLETED = "image_generation.completed"

@@ -34,9 +34,8 @@ import torch
 from torch import Tensor
 
 from denoised.kernels.guidance import guided_update
-
-from .grids import Grid, make_grid
-from .process import FlowProcess, Process
+from denoised.models.sampling.grids import Grid, make_grid
+from denoised.models.sampling.process import FlowProcess, Process
 
 SAMPLER_NAMES = ("ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "euler", "heun", "unipc")
 

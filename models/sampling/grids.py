@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .process import FlowProcess, Process, VPProcess, shift_sigma
+from denoised.models.sampling.process import FlowProcess, Process, VPProcess, shift_sigma
 
 VP_SPACINGS = ("trailing", "leading", "linspace", "karras", "logsnr")
 FLOW_SPACINGS = ("linspace",)

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from denoised.models.checkpoint import save_model_dir
-from denoised.models.dit import DiT, dit_config
-from denoised.models.unet import UNet, UNetConfig
-from denoised.models.vae import VAEConfig, VAEDecoder
+from denoised.models.backbones.dit import DiT, dit_config
+from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.backbones.vae import VAEConfig, VAEDecoder
+from denoised.models.checkpoints.model_dir import save_model_dir
 
 # The linear-beta DDPM schedule (Ho et al., 2020) that DiT and the DDPM UNets were trained with.
 DDPM_LINEAR_PROCESS = {

@@ -24,18 +24,22 @@ from pathlib import Path
 
 import torch
 
-from denoised.models.checkpoint import (
+from denoised.models.backbones.dit import DIT_SIZES, DiT, DiTConfig
+from denoised.models.backbones.embeddings import sincos_2d
+from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.backbones.vae import VAEConfig, VAEDecoder, vae_decoder_state_dict
+from denoised.models.checkpoints.model_dir import (
     load_weights,
     read_json_object,
     read_safetensors,
     save_model_dir,
 )
-from denoised.models.dit import DIT_SIZES, DiT, DiTConfig
-from denoised.models.embeddings import sincos_2d
-from denoised.models.presets import DDPM_LINEAR_PROCESS, ORIGINAL_DIT_GUIDED_CHANNELS, SIT_PROCESS
-from denoised.models.process import VP_SCHEDULES
-from denoised.models.unet import UNet, UNetConfig
-from denoised.models.vae import VAEConfig, VAEDecoder, vae_decoder_state_dict
+from denoised.models.checkpoints.presets import (
+    DDPM_LINEAR_PROCESS,
+    ORIGINAL_DIT_GUIDED_CHANNELS,
+    SIT_PROCESS,
+)
+from denoised.models.sampling.process import VP_SCHEDULES
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 # The files a model directory consists of (what `save_model_dir` writes).

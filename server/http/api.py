@@ -18,27 +18,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from denoised.server.engine import Engine
-from denoised.server.errors import APIError, error_body, install_error_handlers
-from denoised.server.imaging import MEDIA_TYPES
-from denoised.server.jobs import Job, JobError, JobResult, Progress, QueueFull
-from denoised.server.lifecycle import ServerState
-from denoised.server.middleware import RequestContextMiddleware
-from denoised.server.openai_stream import (
+from denoised.server.engine.jobs import Job, JobError, JobResult, Progress, QueueFull
+from denoised.server.engine.loop import Engine
+from denoised.server.http.errors import APIError, error_body, install_error_handlers
+from denoised.server.http.middleware import RequestContextMiddleware
+from denoised.server.http.openai_stream import (
     COMPLETED,
     PARTIAL_IMAGE,
     CompletedEvent,
     PartialImageEvent,
     partial_image_steps,
 )
-from denoised.server.registry import (
-    FieldError,
-    ModelRegistry,
-    ModelUnavailable,
-    ServedModel,
-    UnknownModel,
-)
-from denoised.server.schemas import (
+from denoised.server.http.schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -53,6 +44,15 @@ from denoised.server.schemas import (
     Readiness,
     SamplingFields,
     Timings,
+)
+from denoised.server.imaging import MEDIA_TYPES
+from denoised.server.lifecycle import ServerState
+from denoised.server.registry import (
+    FieldError,
+    ModelRegistry,
+    ModelUnavailable,
+    ServedModel,
+    UnknownModel,
 )
 from denoised.server.settings import Settings
 

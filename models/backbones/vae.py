@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denoised.models.architecture import Architecture
-from denoised.models.conv_blocks import MidBlock, ResnetBlock, Upsample
+from denoised.models.backbones.architecture import Architecture
+from denoised.models.backbones.conv_blocks import MidBlock, ResnetBlock, Upsample
 
 # Latent scale of the Stable Diffusion VAE (Rombach et al., 2022): latents are divided by it
 # before decoding.

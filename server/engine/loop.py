@@ -23,10 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from denoised.server.batcher import PROBE_AFTER, BatchLimit, Candidate, make_batcher
-from denoised.server.faults import parse_faults
-from denoised.server.imaging import encode_image, encode_stack_npy, preview_png, to_unit_range
-from denoised.server.jobs import (
+from denoised.server.engine.batcher import PROBE_AFTER, BatchLimit, Candidate, make_batcher
+from denoised.server.engine.jobs import (
     Draining,
     GenerationParams,
     Job,
@@ -35,10 +33,12 @@ from denoised.server.jobs import (
     Progress,
     QueueFull,
 )
+from denoised.server.engine.runner import ModelRunner
+from denoised.server.faults import parse_faults
+from denoised.server.http.schemas import SamplingFields
+from denoised.server.imaging import encode_image, encode_stack_npy, preview_png, to_unit_range
 from denoised.server.metrics import Metrics
 from denoised.server.registry import ModelRegistry
-from denoised.server.runner import ModelRunner
-from denoised.server.schemas import SamplingFields
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.engine")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from denoised.models.samplers import step_batch
+from denoised.models.sampling.samplers import step_batch
 from denoised.server.faults import Faults
 
 

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from denoised.server.schemas import ErrorBody, ErrorResponse
+from denoised.server.http.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger("denoised.api")
 

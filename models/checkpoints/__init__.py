@@ -1,0 +1,1 @@
+"""Model directories on disk, converters from other formats, random-weight presets."""

@@ -1,0 +1,1 @@
+"""Noise processes, timestep grids and the samplers that walk them."""

@@ -1,0 +1,1 @@
+"""The HTTP front-end: FastAPI routes, request/response bodies, errors, middleware."""
