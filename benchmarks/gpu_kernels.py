@@ -7,8 +7,8 @@
 2. Guidance + solver step, GB/s of compulsory traffic: the fused kernel vs the eager PyTorch
    reference, and as a fraction of a device-to-device copy's bandwidth in the same run.
 3. One DiT-XL/2 block (B=32, 256 tokens) and a full random-weight DiT-XL/2 50-step guided
-   sampling run (DDIM, scale 4): fused path (`DENOISED_ATTENTION=auto`, `DENOISED_FUSED=auto`)
-   vs eager (`sdpa`, `reference`).
+   sampling run (DDIM, scale 4): fused path (attention and fused backends `auto`) vs eager
+   (`sdpa`, `reference`).
 
     python benchmarks/gpu_kernels.py            # everything, < 4 minutes on an H100
     python benchmarks/gpu_kernels.py --skip-dit --sweep-attention   # tune attention_config
@@ -23,36 +23,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from denoised.kernels.attention import AttentionConfig, attention_config, flash_attention_triton
-from denoised.kernels.guidance import guided_update_reference, guided_update_triton
+from denoised.kernels.backends import using_backends
+from denoised.kernels.guidance import BatchUpdate, guided_update_reference, guided_update_triton
 from denoised.models.backbones.dit import DiT
 from denoised.models.checkpoints.presets import build_preset
-
-
-@contextmanager
-def settings(**values: str):
-    """Temporarily set DENOISED_* environment settings (read by the dispatchers per call)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -157,12 +141,18 @@ def _step_inputs(batch: int, shape: tuple[int, int, int], order: int, device, co
     index = torch.full((batch,), -1, dtype=torch.int64)
     index[:guided] = torch.arange(guided)
     vec = randn(batch)
-    inputs = dict(
-        x=randn(batch, *shape), cond=out[:batch, : shape[0]], uncond=out[batch:, : shape[0]],
+    update = BatchUpdate(
         uncond_index=index.to(device), w=vec + 4, p=vec, q=vec + 1, a=vec - 1,
         b=randn(batch, order), history=randn(order - 1, batch, *shape), c=vec,
-        noise=randn(batch, *shape), guided_channels=3,
+        noise=randn(batch, *shape),
     )  # fmt: skip
+    inputs = dict(
+        x=randn(batch, *shape),
+        cond=out[:batch, : shape[0]],
+        uncond=out[batch:, : shape[0]],
+        update=update,
+        guided_channels=3,
+    )
     elem = batch * shape[0] * shape[1] * shape[2]
     guided_elems = guided * 3 * shape[1] * shape[2]
     # Compulsory traffic: read x, cond, noise, history, guided uncond; write x_next and d.
@@ -199,8 +189,9 @@ def bench_dit(
     repeats: int,
     fused: str = "auto",
 ) -> None:
-    """One block and a full guided sampling run, `fused` (DENOISED_ATTENTION/DENOISED_FUSED)
+    """One block and a full guided sampling run, `fused` (the attention and fused backends)
     against eager; the backbone already on its device and dtype."""
+    from denoised.models.conditioning import Conditioning
     from denoised.models.sampling.process import process_from_config
     from denoised.models.sampling.samplers import create_sampler, sample
 
@@ -209,8 +200,8 @@ def bench_dit(
     arch = backbone.config
     tokens = (arch.input_size // arch.patch_size) ** 2
     paths = {
-        "fused": dict(DENOISED_ATTENTION=fused, DENOISED_FUSED=fused),
-        "eager": dict(DENOISED_ATTENTION="sdpa", DENOISED_FUSED="reference"),
+        "fused": dict(attention=fused, fused=fused),
+        "eager": dict(attention="sdpa", fused="reference"),
     }
     print(f"\n3. {name} ({dtype}): fused path vs eager")
     block = backbone.blocks[0]
@@ -218,7 +209,7 @@ def bench_dit(
     c = torch.randn(block_batch, arch.hidden_size, device=device, dtype=dtype)
     times = {}
     for path, env in paths.items():
-        with settings(**env), torch.inference_mode():
+        with using_backends(**env), torch.inference_mode():
             times[path] = seconds(lambda: block(x, c), device, repeats)
     print(
         f"  one block, B={block_batch}, {tokens} tokens: fused {times['fused'] * 1e3:.3f} ms, "
@@ -236,11 +227,12 @@ def bench_dit(
         generator = torch.Generator(device=device).manual_seed(0)
         state = create_sampler("ddim", process, steps, shape, generator, device=device)
         with torch.inference_mode():
-            return sample(model_fn, state, 4.0, config["guided_channels"], labels, arch.num_classes)
+            conditioning = Conditioning.classes(labels, arch.num_classes, 4.0)
+            return sample(model_fn, state, conditioning, config["guided_channels"])
 
     results = {}
     for path, env in paths.items():
-        with settings(**env):
+        with using_backends(**env):
             times[path] = seconds(functools.partial(_keep, results, path, run), device, 1)
     eager = results["eager"].float()
     err = (results["fused"].float() - eager).abs().max().item() / eager.abs().max().item()

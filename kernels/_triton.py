@@ -1,4 +1,5 @@
-"""What every Triton kernel here shares: interpreter detection and the bf16 upcast switch.
+"""What every Triton kernel here shares: interpreter detection, the bf16 upcast switch and the
+fused-kernel dispatch rule.
 
 Triton's CPU interpreter (`TRITON_INTERPRET=1`) stores bfloat16 values as their raw bits, so
 a kernel that computes on a loaded bf16 tile gets silently wrong numbers. Every kernel takes a
@@ -9,10 +10,10 @@ its native half-precision tiles (and tensor-core dots) and pays nothing.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
+
+from denoised.kernels.backends import backends
 
 
 def interpreting() -> bool:
@@ -37,21 +38,9 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
             )
 
 
-FUSED_BACKENDS = ("auto", "triton", "reference")
-
-
-def fused_backend() -> str:
-    """The `DENOISED_FUSED` setting (auto|triton|reference) for the fused elementwise kernels
-    (adaLN pieces, guidance + solver step); ValueError on anything else."""
-    value = os.environ.get("DENOISED_FUSED", "auto").strip().lower()
-    if value not in FUSED_BACKENDS:
-        raise ValueError(f"DENOISED_FUSED must be one of {'|'.join(FUSED_BACKENDS)}, got {value!r}")
-    return value
-
-
 def use_fused(*tensors: torch.Tensor) -> bool:
     """Whether a dispatcher takes its Triton kernel: `auto` does for CUDA tensors only."""
-    backend = fused_backend()
+    backend = backends().fused
     if backend == "auto":
         return all(t.is_cuda for t in tensors)
     return backend == "triton"

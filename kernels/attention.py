@@ -2,7 +2,7 @@
 
 `attention(q, k, v)` takes `[batch, heads, tokens, head_dim]` tensors and returns the
 non-causal softmax attention with scale `1/sqrt(head_dim)`. The backend is chosen per call
-by the `DENOISED_ATTENTION` setting:
+by the `attention` backend (`kernels.backends`):
 
 - `auto` (default): the Triton flash-attention kernel for CUDA tensors it supports,
   PyTorch's `scaled_dot_product_attention` (SDPA) everywhere else;
@@ -22,7 +22,6 @@ so `torch.compile` sees one opaque node.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +30,8 @@ import triton
 import triton.language as tl
 
 from denoised.kernels._triton import check_triton_device, interpreting, upcast
+from denoised.kernels.backends import backends
 
-BACKENDS = ("auto", "triton", "sdpa")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
@@ -308,16 +307,8 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return new_output(q)
 
 
-def attention_backend() -> str:
-    """The `DENOISED_ATTENTION` setting (auto|triton|sdpa); ValueError on anything else."""
-    value = os.environ.get("DENOISED_ATTENTION", "auto").strip().lower()
-    if value not in BACKENDS:
-        raise ValueError(f"DENOISED_ATTENTION must be one of {'|'.join(BACKENDS)}, got {value!r}")
-    return value
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    backend = attention_backend()
+    backend = backends().attention
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "triton":

@@ -21,6 +21,7 @@ one block of one sample's elements, so that sample's coefficients are scalars lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import triton
@@ -32,22 +33,30 @@ from denoised.kernels._triton import check_triton_device, use_fused
 MAX_ORDER = 4  # widest b (current D plus three history terms) the kernel unrolls
 
 
+@dataclass(frozen=True)
+class BatchUpdate:
+    """Per-row guidance and update values of one step over B rows (see the module docstring)."""
+
+    uncond_index: Tensor  # [B] int64: the row of ``uncond`` guiding each row, −1 for none
+    w: Tensor  # [B] guidance scales
+    p: Tensor  # [B]
+    q: Tensor  # [B]
+    a: Tensor  # [B]
+    b: Tensor  # [B, K]
+    history: Tensor | None  # [K−1, B, C, H, W], zeros where a row keeps fewer D's
+    c: Tensor  # [B]
+    noise: Tensor | None  # [B, C, H, W], zeros for rows with c = 0; None when all c = 0
+
+    def values(self) -> tuple[Tensor | None, ...]:
+        """The fields in order (``dataclasses.astuple`` would deep-copy the tensors)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
 def guided_update_reference(
-    x: Tensor,
-    cond: Tensor,
-    uncond: Tensor,
-    uncond_index: Tensor,
-    w: Tensor,
-    p: Tensor,
-    q: Tensor,
-    a: Tensor,
-    b: Tensor,
-    history: Tensor | None,
-    c: Tensor,
-    noise: Tensor | None,
-    guided_channels: int,
+    x: Tensor, cond: Tensor, uncond: Tensor, update: BatchUpdate, guided_channels: int
 ) -> tuple[Tensor, Tensor]:
     """Plain-PyTorch float32 guidance + update; returns ``(x_next, d)``."""
+    uncond_index, w, p, q, a, b, history, c, noise = update.values()
     batch = x.shape[0]
     if b.dim() != 2 or b.shape[0] != batch or b.shape[1] < 1:
         raise ValueError(
@@ -140,20 +149,13 @@ def guided_update_launch(
     x: Tensor,
     cond: Tensor,
     uncond: Tensor,
-    uncond_index: Tensor,
-    w: Tensor,
-    p: Tensor,
-    q: Tensor,
-    a: Tensor,
-    b: Tensor,
-    history: Tensor | None,
-    c: Tensor,
-    noise: Tensor | None,
+    update: BatchUpdate,
     guided_channels: int,
     x_next: Tensor,
     d: Tensor,
 ) -> tuple[tuple[int, int], tuple, dict]:
     """Validated grid and arguments of one fused launch (shared with the compile checks)."""
+    uncond_index, w, p, q, a, b, history, c, noise = update.values()
     if x.dim() != 4 or x.dtype != torch.float32:
         raise ValueError(f"x must be a float32 [B, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}")
     batch, channels = x.shape[:2]
@@ -206,15 +208,7 @@ def guided_update_triton(
     x: Tensor,
     cond: Tensor,
     uncond: Tensor,
-    uncond_index: Tensor,
-    w: Tensor,
-    p: Tensor,
-    q: Tensor,
-    a: Tensor,
-    b: Tensor,
-    history: Tensor | None,
-    c: Tensor,
-    noise: Tensor | None,
+    update: BatchUpdate,
     guided_channels: int,
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -224,15 +218,14 @@ def guided_update_triton(
     if out is None:
         out = tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in "xd")
     x_next, d = out
-    grid, args, kwargs = guided_update_launch(
-        x, cond, uncond, uncond_index, w, p, q, a, b, history, c, noise, guided_channels, x_next, d
-    )
+    grid, args, kwargs = guided_update_launch(x, cond, uncond, update, guided_channels, x_next, d)
     check_triton_device(*(t for t in args if isinstance(t, Tensor)))
     if x.numel():
         _guided_update_fwd[grid](*args, **kwargs)
     return x_next, d
 
 
+# A custom op takes tensors, not a dataclass: the one place the fields are spelled out.
 @torch.library.custom_op("denoised::guided_update", mutates_args=())
 def _guided_update_op(
     x: Tensor,
@@ -249,37 +242,21 @@ def _guided_update_op(
     noise: Tensor | None,
     guided_channels: int,
 ) -> tuple[Tensor, Tensor]:
-    return guided_update_triton(
-        x, cond, uncond, uncond_index, w, p, q, a, b, history, c, noise, guided_channels
-    )
+    update = BatchUpdate(uncond_index, w, p, q, a, b, history, c, noise)
+    return guided_update_triton(x, cond, uncond, update, guided_channels)
 
 
 @_guided_update_op.register_fake
-def _(x, cond, uncond, uncond_index, w, p, q, a, b, history, c, noise, guided_channels):
+def _(x, cond, uncond, *update_and_channels):
     return torch.empty_like(x), torch.empty_like(x)
 
 
 def guided_update(
-    x: Tensor,
-    cond: Tensor,
-    uncond: Tensor,
-    uncond_index: Tensor,
-    w: Tensor,
-    p: Tensor,
-    q: Tensor,
-    a: Tensor,
-    b: Tensor,
-    history: Tensor | None,
-    c: Tensor,
-    noise: Tensor | None,
-    guided_channels: int,
+    x: Tensor, cond: Tensor, uncond: Tensor, update: BatchUpdate, guided_channels: int
 ) -> tuple[Tensor, Tensor]:
     """Guidance + solver update for a mixed batch (see the module docstring)."""
-    tensors = [t for t in (x, cond, history, noise) if t is not None]
+    b = update.b
+    tensors = [t for t in (x, cond, update.history, update.noise) if t is not None]
     if b.dim() == 2 and b.shape[1] <= MAX_ORDER and use_fused(*tensors):
-        return _guided_update_op(
-            x, cond, uncond, uncond_index, w, p, q, a, b, history, c, noise, guided_channels
-        )
-    return guided_update_reference(
-        x, cond, uncond, uncond_index, w, p, q, a, b, history, c, noise, guided_channels
-    )
+        return _guided_update_op(x, cond, uncond, *update.values(), guided_channels)
+    return guided_update_reference(x, cond, uncond, update, guided_channels)

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from denoised.kernels.backends import ATTENTION_BACKENDS, FUSED_BACKENDS
 from denoised.server.settings import BATCHING_MODES, DEVICES, DTYPES, settings_from_env
 
 
@@ -45,6 +46,19 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     )
     add("--device", choices=DEVICES, help="default auto: cuda when available")
     add("--dtype", choices=DTYPES, help="backbone dtype; auto: float32 on cpu, bfloat16 on cuda")
+    add(
+        "--attention",
+        choices=ATTENTION_BACKENDS,
+        help="attention backend: auto (default) runs the Triton flash-attention kernel on "
+        "CUDA and PyTorch's SDPA elsewhere; triton or sdpa always [DENOISED_ATTENTION]",
+    )
+    add(
+        "--fused",
+        choices=FUSED_BACKENDS,
+        help="fused elementwise kernels (adaLN, guidance + solver step): auto (default) "
+        "runs Triton on CUDA and the PyTorch references elsewhere; triton or reference "
+        "always [DENOISED_FUSED]",
+    )
     add(
         "--threads",
         type=int,

@@ -10,8 +10,8 @@ import threading
 
 import torch
 
+from denoised.kernels.backends import set_backends
 from denoised.server.engine.loop import Engine
-from denoised.server.http.errors import APIError
 from denoised.server.metrics import Metrics
 from denoised.server.registry import (
     ModelRegistry,
@@ -22,6 +22,10 @@ from denoised.server.registry import (
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")
+
+
+class NotReady(RuntimeError):
+    """No generation now: the models are loading or failed to, or the server is draining."""
 
 
 class ServerState:
@@ -41,6 +45,7 @@ class ServerState:
         try:
             if self.settings.threads:
                 torch.set_num_threads(self.settings.threads)
+            set_backends(self.settings.attention, self.settings.fused)
             device, dtype = resolve_device(self.settings)
             dirs = list(self.settings.models) or default_model_dirs()
             log.info("loading %s on %s (%s)", ", ".join(map(str, dirs)), device, dtype)
@@ -80,15 +85,15 @@ class ServerState:
         return self.status == "ready" and not (self.settings.strict_readiness and self.unavailable)
 
     def ready_engine(self) -> tuple[Engine, ModelRegistry]:
-        """The engine and models, or the 503 that explains why there are none."""
-        if self.status == "ready":
+        """The engine and models, or NotReady saying why there are none."""
+        if self.status == "ready" and self.engine is not None and self.registry is not None:
             return self.engine, self.registry
         reasons = {
             "loading": "the models are still loading",
             "draining": "the server is shutting down",
             "failed": f"the models failed to load: {self.error}",
         }
-        raise APIError(503, reasons[self.status], headers={"Retry-After": "5"})
+        raise NotReady(reasons[self.status])
 
     def begin_drain(self) -> None:
         """Stop admitting (new generation requests and /ready answer 503)."""

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from denoised.kernels.backends import ATTENTION_BACKENDS, FUSED_BACKENDS
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BATCHING_MODES = ("step", "request")
@@ -22,6 +24,8 @@ class Settings:
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # backbone dtype; auto: float32 on cpu, bfloat16 on cuda
     threads: int = 0  # CPU threads for torch ops; 0: torch's default (one per core)
+    attention: str = "auto"  # attention backend (kernels.backends): auto | triton | sdpa
+    fused: str = "auto"  # fused elementwise kernels: auto | triton | reference
     max_batch: int = 64  # samples per backbone forward (a guided sample counts twice)
     max_queue: int = 256  # admitted requests waiting for their first step; more get 429
     batching: str = "step"  # "step" (step-level) or "request" (equal parameters, to completion)
@@ -50,6 +54,8 @@ class Settings:
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("batching", self.batching, BATCHING_MODES)
+        _check_choice("attention", self.attention, ATTENTION_BACKENDS)
+        _check_choice("fused", self.fused, FUSED_BACKENDS)
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         for name in ("port", "max_batch", "max_queue", "max_n", "max_steps", "max_body_bytes"):

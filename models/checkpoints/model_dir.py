@@ -61,6 +61,11 @@ class LoadedModel:
     guided_channels: int  # leading channels guidance applies to (0: no guidance)
     has_null_label: bool  # the class table has the null row (id `num_classes`) for no class
 
+    @property
+    def null_label(self) -> int | None:
+        """The class id trained as "no class" (None: no such row, or no classes at all)."""
+        return self.num_classes if self.has_null_label else None
+
 
 def build_backbone(family: str, architecture: dict) -> nn.Module:
     if family not in BACKBONES:

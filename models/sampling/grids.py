@@ -47,6 +47,15 @@ class Grid:
             return np.log(self.alpha) - np.log(self.sigma)
 
 
+class SamplerOptionError(ValueError):
+    """A sampler name or option (its grid's included) that cannot be used; ``option`` names
+    the offending option (None: the sampler itself)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 def default_spacing(process: Process) -> str:
     return "linspace" if isinstance(process, FlowProcess) else "trailing"
 
@@ -68,19 +77,22 @@ def make_grid(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
     if final not in FINALS:
-        raise ValueError(f"final must be one of {FINALS}; got {final!r}")
+        raise SamplerOptionError(f"final must be one of {FINALS}; got {final!r}", "final")
     spacing = spacing or default_spacing(process)
     if isinstance(process, FlowProcess):
         if spacing not in FLOW_SPACINGS:
-            raise ValueError(
-                f"spacing for a flow process must be one of {FLOW_SPACINGS}; got {spacing!r}"
+            raise SamplerOptionError(
+                f"spacing for a flow process must be one of {FLOW_SPACINGS}; got {spacing!r}",
+                "spacing",
             )
         times = _flow_times(process, steps, final, process.shift if shift is None else shift)
     else:
         if spacing not in VP_SPACINGS:
-            raise ValueError(f"spacing must be one of {VP_SPACINGS}; got {spacing!r}")
+            raise SamplerOptionError(
+                f"spacing must be one of {VP_SPACINGS}; got {spacing!r}", "spacing"
+            )
         if shift is not None:
-            raise ValueError("shift applies to flow processes only")
+            raise SamplerOptionError("shift applies to flow processes only", "shift")
         if steps > process.num_train_timesteps:
             raise ValueError(
                 f"steps must be at most num_train_timesteps ({process.num_train_timesteps}) "
@@ -109,7 +121,9 @@ def _vp_times(process: VPProcess, steps: int, spacing: str, final: str) -> np.nd
     if spacing == "leading":
         taus = (np.arange(steps)[::-1] * (T // steps)).astype(np.float64)
         if final == "min":
-            raise ValueError("final='min' needs a spacing other than 'leading' (it ends at τ = 0)")
+            raise SamplerOptionError(
+                "final='min' needs a spacing other than 'leading' (it ends at τ = 0)", "final"
+            )
         return taus
     if spacing == "linspace":
         return np.linspace(T - 1, 0, n)
@@ -125,6 +139,6 @@ def _vp_times(process: VPProcess, steps: int, spacing: str, final: str) -> np.nd
 
 def _flow_times(process: FlowProcess, steps: int, final: str, shift: float) -> np.ndarray:
     if isinstance(shift, bool) or not isinstance(shift, int | float) or not shift > 0:
-        raise ValueError(f"shift must be a positive number; got {shift!r}")
+        raise SamplerOptionError(f"shift must be a positive number; got {shift!r}", "shift")
     n = steps if final == "zero" else steps + 1
     return shift_sigma(np.linspace(1.0, 1.0 / process.num_train_timesteps, n), float(shift))

@@ -28,16 +28,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from denoised.kernels.guidance import guided_update
-from denoised.models.sampling.grids import Grid, make_grid
+from denoised.kernels.guidance import BatchUpdate, guided_update
+from denoised.models.conditioning import UNCONDITIONAL, Conditioning
+from denoised.models.sampling.grids import Grid, SamplerOptionError, make_grid
 from denoised.models.sampling.process import FlowProcess, Process
-
-SAMPLER_NAMES = ("ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "euler", "heun", "unipc")
 
 
 @dataclass(frozen=True)
@@ -59,105 +59,65 @@ class PlannedEval:
     coefficients: StepCoefficients
 
 
+Update = tuple[int, float, tuple[float, ...], float]  # (grid point evaluated, a, b, c)
+
+
+@dataclass(frozen=True)
+class Choices:
+    """A request's sampler-specific options, checked, with their defaults filled in."""
+
+    order: int
+    lower_order_final: bool
+    eta: float
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler: the options it takes beyond the grid's, and its plan as grid updates."""
+
+    name: str
+    updates: Callable[[Grid, Process, Choices], list[Update]]
+    options: frozenset[str] = frozenset()
+    orders: tuple[int, ...] = (1,)  # the `order` values it accepts; the first is the default
+
+
 # --- options ---------------------------------------------------------------------------------
 
 _GRID_OPTIONS = {"spacing", "final", "denoise_to_zero", "round_timesteps", "shift"}
-_SAMPLER_OPTIONS = {
-    "ddim": {"eta"},
-    "dpmpp-2m": {"order", "lower_order_final"},
-    "dpmpp-3m": {"order", "lower_order_final"},
-    "dpmpp-2m-sde": {"order", "lower_order_final"},
-    "euler": set(),
-    "heun": set(),
-    "unipc": {"order", "lower_order_final"},
-}
-_ORDERS = {"dpmpp-2m": (1, 2, 3), "dpmpp-3m": (1, 2, 3), "dpmpp-2m-sde": (1, 2), "unipc": (1, 2, 3)}
-_DEFAULT_ORDER = {"dpmpp-2m": 2, "dpmpp-3m": 3, "dpmpp-2m-sde": 2, "unipc": 2}
 
 
 def _bool_option(options: dict, name: str, default: bool) -> bool:
     value = options.get(name, default)
     if not isinstance(value, bool):
-        raise ValueError(f"option {name!r} must be true or false; got {value!r}")
+        raise SamplerOptionError(f"option {name!r} must be true or false; got {value!r}", name)
     return value
 
 
-def _validate(name: str, options: dict) -> None:
-    if name not in SAMPLER_NAMES:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}; got {name!r}")
-    allowed = _GRID_OPTIONS | _SAMPLER_OPTIONS[name]
+def _choices(spec: SamplerSpec, options: dict) -> Choices:
+    """The options of sampler ``spec``, checked (SamplerOptionError names the bad one)."""
+    allowed = _GRID_OPTIONS | spec.options
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for sampler {name!r}; "
-            f"allowed: {', '.join(sorted(allowed))}"
+        raise SamplerOptionError(
+            f"unknown option(s) {unknown} for sampler {spec.name!r}; "
+            f"allowed: {', '.join(sorted(allowed))}",
+            unknown[0],
         )
-    order = options.get("order")
-    if "order" in options and (type(order) is not int or order not in _ORDERS[name]):
-        raise ValueError(
-            f"option 'order' for sampler {name!r} must be one of {_ORDERS[name]}; got {order!r}"
+    order = options.get("order", spec.orders[0])
+    if type(order) is not int or order not in spec.orders:
+        raise SamplerOptionError(
+            f"option 'order' for sampler {spec.name!r} must be one of {tuple(sorted(spec.orders))}"
+            f"; got {order!r}",
+            "order",
         )
     eta = options.get("eta", 0.0)
     # η scales DDPM's posterior noise; above 1 the noise would exceed σ_next itself.
     if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"option 'eta' must be a number in [0, 1]; got {eta!r}")
+        raise SamplerOptionError(f"option 'eta' must be a number in [0, 1]; got {eta!r}", "eta")
+    return Choices(order, _bool_option(options, "lower_order_final", True), float(eta))
 
 
-# --- plans -----------------------------------------------------------------------------------
-
-
-def build_plan(
-    name: str, process: Process, steps: int, options: dict | None = None
-) -> list[PlannedEval]:
-    """Every evaluation of sampler ``name`` over ``steps`` steps, with its coefficients."""
-    options = dict(options or {})
-    _validate(name, options)
-    final = options.get("final", "zero")
-    denoise_to_zero = _bool_option(options, "denoise_to_zero", False)
-    if denoise_to_zero and final != "min":
-        raise ValueError(
-            "option 'denoise_to_zero' needs final='min' (a grid that stops short of σ = 0)"
-        )
-    grid = make_grid(
-        process,
-        steps,
-        spacing=options.get("spacing"),
-        final=final,
-        shift=options.get("shift"),
-        round_timesteps=_bool_option(options, "round_timesteps", False),
-    )
-    lower_order_final = _bool_option(options, "lower_order_final", True)
-    order = options.get("order", _DEFAULT_ORDER.get(name, 1))
-    if name == "ddim":
-        updates = _ddim(grid, float(options.get("eta", 0.0)))
-    elif name in ("dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde"):
-        orders = _multistep_orders(grid, order, lower_order_final)
-        updates = _dpmpp(grid, orders, sde=name == "dpmpp-2m-sde")
-    elif name == "euler":
-        updates = _euler(grid, process)
-    elif name == "heun":
-        updates = _heun(grid, process)
-    else:
-        updates = _unipc(grid, _multistep_orders(grid, order, lower_order_final))
-    plan = [
-        PlannedEval(float(grid.model_time[i]), _with_prediction(process, grid, i, a, b, c))
-        for i, a, b, c in updates
-    ]
-    if denoise_to_zero:  # one more evaluation at the last point; the sample becomes its D
-        plan.append(
-            PlannedEval(
-                float(grid.model_time[-1]), _with_prediction(process, grid, -1, 0.0, (1.0,), 0.0)
-            )
-        )
-    return plan
-
-
-def _with_prediction(process: Process, grid: Grid, i: int, a, b, c) -> StepCoefficients:
-    p, q = process.prediction_coefficients(grid.alpha[i], grid.sigma[i])
-    return StepCoefficients(float(p), float(q), float(a), tuple(float(v) for v in b), float(c))
-
-
-Update = tuple[int, float, tuple[float, ...], float]  # (grid point evaluated, a, b, c)
+# --- grid updates ----------------------------------------------------------------------------
 
 
 def _ddim(grid: Grid, eta: float) -> list[Update]:
@@ -354,6 +314,83 @@ def _unipc(grid: Grid, orders: list[int]) -> list[Update]:
     return updates
 
 
+# --- the samplers ----------------------------------------------------------------------------
+
+
+def _multistep(
+    method: Callable[[Grid, list[int]], list[Update]],
+) -> Callable[[Grid, Process, Choices], list[Update]]:
+    def updates(grid: Grid, process: Process, choices: Choices) -> list[Update]:
+        return method(grid, _multistep_orders(grid, choices.order, choices.lower_order_final))
+
+    return updates
+
+
+_MULTISTEP_OPTIONS = frozenset({"order", "lower_order_final"})
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in (
+        SamplerSpec("ddim", lambda grid, _, o: _ddim(grid, o.eta), frozenset({"eta"})),
+        SamplerSpec(
+            "dpmpp-2m", _multistep(partial(_dpmpp, sde=False)), _MULTISTEP_OPTIONS, (2, 1, 3)
+        ),
+        SamplerSpec(
+            "dpmpp-3m", _multistep(partial(_dpmpp, sde=False)), _MULTISTEP_OPTIONS, (3, 1, 2)
+        ),
+        SamplerSpec(
+            "dpmpp-2m-sde", _multistep(partial(_dpmpp, sde=True)), _MULTISTEP_OPTIONS, (2, 1)
+        ),
+        SamplerSpec("euler", lambda grid, process, _: _euler(grid, process)),
+        SamplerSpec("heun", lambda grid, process, _: _heun(grid, process)),
+        SamplerSpec("unipc", _multistep(_unipc), _MULTISTEP_OPTIONS, (2, 1, 3)),
+    )
+}
+SAMPLER_NAMES = tuple(SAMPLERS)
+
+
+def build_plan(
+    name: str, process: Process, steps: int, options: dict | None = None
+) -> list[PlannedEval]:
+    """Every evaluation of sampler ``name`` over ``steps`` steps, with its coefficients."""
+    options = dict(options or {})
+    if name not in SAMPLERS:
+        raise SamplerOptionError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}; got {name!r}")
+    choices = _choices(SAMPLERS[name], options)
+    final = options.get("final", "zero")
+    denoise_to_zero = _bool_option(options, "denoise_to_zero", False)
+    if denoise_to_zero and final != "min":
+        raise SamplerOptionError(
+            "option 'denoise_to_zero' needs final='min' (a grid that stops short of σ = 0)",
+            "denoise_to_zero",
+        )
+    grid = make_grid(
+        process,
+        steps,
+        spacing=options.get("spacing"),
+        final=final,
+        shift=options.get("shift"),
+        round_timesteps=_bool_option(options, "round_timesteps", False),
+    )
+    updates = SAMPLERS[name].updates(grid, process, choices)
+    plan = [
+        PlannedEval(float(grid.model_time[i]), _with_prediction(process, grid, i, a, b, c))
+        for i, a, b, c in updates
+    ]
+    if denoise_to_zero:  # one more evaluation at the last point; the sample becomes its D
+        plan.append(
+            PlannedEval(
+                float(grid.model_time[-1]), _with_prediction(process, grid, -1, 0.0, (1.0,), 0.0)
+            )
+        )
+    return plan
+
+
+def _with_prediction(process: Process, grid: Grid, i: int, a, b, c) -> StepCoefficients:
+    p, q = process.prediction_coefficients(grid.alpha[i], grid.sigma[i])
+    return StepCoefficients(float(p), float(q), float(a), tuple(float(v) for v in b), float(c))
+
+
 # --- per-request state -----------------------------------------------------------------------
 
 
@@ -457,28 +494,21 @@ def create_sampler(
 ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
-@dataclass(frozen=True)
-class BatchUpdate:
-    """Per-row update tensors for ``guided_update``, stacked over several states' rows."""
-
-    p: Tensor  # [B]
-    q: Tensor  # [B]
-    a: Tensor  # [B]
-    b: Tensor  # [B, K]
-    history: Tensor | None  # [K-1, B, C, H, W], zeros where a state keeps fewer D's
-    c: Tensor  # [B]
-    noise: Tensor | None  # [B, C, H, W], zeros for rows with c = 0; None when all c = 0
-
-
-def stack_updates(states: Sequence[SamplerState]) -> BatchUpdate:
-    """The pending evaluation's coefficients, history and noise of ``states``, row-stacked."""
+def stack_updates(
+    states: Sequence[SamplerState], uncond_index: Tensor, scales: Sequence[float]
+) -> BatchUpdate:
+    """The pending evaluation's guidance, coefficients, history and noise of ``states``,
+    row-stacked; ``uncond_index`` ([B]) maps rows to their unconditional rows."""
     device = states[0].x.device
     coeffs = [s.coefficients() for s in states]
     width = max(len(cf.b) for cf in coeffs)
     # One small host table, expanded to rows and copied to the device once.
     table = _per_row(
         states,
-        [[cf.p, cf.q, cf.a, cf.c, *cf.b, *[0.0] * (width - len(cf.b))] for cf in coeffs],
+        [
+            [w, cf.p, cf.q, cf.a, cf.c, *cf.b, *[0.0] * (width - len(cf.b))]
+            for w, cf in zip(scales, coeffs, strict=True)
+        ],
         torch.float32,
     ).to(device, non_blocking=True)
     history = None
@@ -498,8 +528,8 @@ def stack_updates(states: Sequence[SamplerState]) -> BatchUpdate:
                 for z, s in zip(noises, states, strict=True)
             ]
         )
-    p, q, a, c = table[:, :4].unbind(1)
-    return BatchUpdate(p=p, q=q, a=a, b=table[:, 4:], history=history, c=c, noise=noise)
+    w, p, q, a, c = table[:, :5].unbind(1)
+    return BatchUpdate(uncond_index, w, p, q, a, table[:, 5:], history, c, noise)
 
 
 def _per_row(states: Sequence[SamplerState], values: list[list], dtype: torch.dtype) -> Tensor:
@@ -515,62 +545,57 @@ def _nth(history: list[Tensor], k: int, like: Tensor) -> Tensor:
 def step_batch(
     model_fn: ModelFn,
     states: Sequence[SamplerState],
-    guidance_scales: Sequence[float] | None = None,
-    labels: Sequence[Tensor | None] | None = None,
-    null_label: int | None = None,
+    conditionings: Sequence[Conditioning] | None = None,
     guided_channels: int | None = None,
 ) -> Tensor:
     """Advance every state by one evaluation with a single ``model_fn`` call; returns the
     evaluation's data predictions D, [Σ rows, C, H, W] in the order of ``states``.
 
-    A state is guided when its guidance scale is not 1 and it has labels: its rows are
-    evaluated a second time with ``null_label`` and combined as u + w·(c − u) on channels
-    [0, guided_channels). ``model_fn(x, t, y)`` returns [B, C_out, H, W] with C_out ≥ C
-    (extra channels, e.g. a learned variance, are ignored).
+    Each state's rows are evaluated on its conditioning's inputs (None: unconditional, for
+    all states or none); a guided state's rows run a second time on its null inputs, and the
+    two are combined as u + w·(c − u) on channels [0, guided_channels). ``model_fn(x, t, y)``
+    returns [B, C_out, H, W] with C_out ≥ C (extra channels, e.g. a learned variance, are
+    ignored).
     """
     n = len(states)
     if n == 0:
         raise ValueError("step_batch needs at least one sampler state")
-    scales = [1.0] * n if guidance_scales is None else [float(w) for w in guidance_scales]
-    labels = [None] * n if labels is None else list(labels)
-    if len(scales) != n or len(labels) != n:
-        raise ValueError("guidance_scales and labels need one entry per state")
-    has_labels = labels[0] is not None
-    if any((y is not None) != has_labels for y in labels):
-        raise ValueError("labels must be given for all states or for none")
-    guided = [w != 1.0 and y is not None for w, y in zip(scales, labels, strict=True)]
-    if any(guided) and null_label is None:
-        raise ValueError("guided sampling needs null_label")
+    conditionings = [UNCONDITIONAL] * n if conditionings is None else list(conditionings)
+    if len(conditionings) != n:
+        raise ValueError("conditionings need one entry per state")
+    has_inputs = conditionings[0].inputs is not None
+    if any((cond.inputs is not None) != has_inputs for cond in conditionings):
+        raise ValueError("conditioning inputs must be given for all states or for none")
     device = states[0].x.device
     counts = [s.x.shape[0] for s in states]
     x = torch.cat([s.x for s in states]).float()
-    extra = [i for i in range(n) if guided[i]]  # states whose unconditional rows follow x
+    extra = [i for i in range(n) if conditionings[i].guided]  # unconditional rows follow x
     # Per-row values built on the host and copied to the device once.
     uncond_rows, next_row = [], 0
-    for i, count in enumerate(counts):
-        if guided[i]:
+    for cond, count in zip(conditionings, counts, strict=True):
+        if cond.guided:
             uncond_rows.append(torch.arange(next_row, next_row + count))
             next_row += count
         else:
             uncond_rows.append(torch.full((count,), -1))
     uncond_index = torch.cat(uncond_rows).to(device, non_blocking=True)
-    values = [[s.model_time(), w] for s, w in zip(states, scales, strict=True)]
-    t, w = _per_row(states, values, torch.float32).to(device, non_blocking=True).unbind(1)
+    times = [[s.model_time()] for s in states]
+    t = _per_row(states, times, torch.float32).to(device, non_blocking=True)[:, 0]
     t_per_state = t.split(counts)
     model_x = torch.cat([x] + [states[i].x.float() for i in extra])
     model_t = torch.cat([t] + [t_per_state[i] for i in extra])
     model_y = None
-    if has_labels:
-        nulls = torch.full((sum(counts[i] for i in extra),), null_label, dtype=torch.int64)
-        model_y = torch.cat([y.to(device) for y in labels] + [nulls.to(device)])
+    if has_inputs:
+        rows = [cond.inputs for cond in conditionings]
+        rows += [conditionings[i].null_inputs for i in extra]
+        model_y = torch.cat([y.to(device) for y in rows])
     out = model_fn(model_x, model_t, model_y)
     channels = x.shape[1]
-    cond, uncond = out[: x.shape[0], :channels], out[x.shape[0] :, :channels]
-    u = stack_updates(states)
+    cond_out, uncond_out = out[: x.shape[0], :channels], out[x.shape[0] :, :channels]
+    update = stack_updates(states, uncond_index, [cond.scale for cond in conditionings])
     x_next, d = guided_update(
-        x, cond, uncond, uncond_index, w, u.p, u.q, u.a, u.b, u.history, u.c, u.noise,
-        channels if guided_channels is None else guided_channels,
-    )  # fmt: skip
+        x, cond_out, uncond_out, update, channels if guided_channels is None else guided_channels
+    )
     for state, x_i, d_i in zip(states, x_next.split(counts), d.split(counts), strict=True):
         state.advance(x_i, d_i)
     return d
@@ -579,12 +604,10 @@ def step_batch(
 def sample(
     model_fn: ModelFn,
     state: SamplerState,
-    guidance_scale: float = 1.0,
+    conditioning: Conditioning = UNCONDITIONAL,
     guided_channels: int | None = None,
-    labels: Tensor | None = None,
-    null_label: int | None = None,
 ) -> Tensor:
     """Run ``state`` to the end, one ``step_batch`` per evaluation; returns the final x."""
     while not state.done:
-        step_batch(model_fn, [state], [guidance_scale], [labels], null_label, guided_channels)
+        step_batch(model_fn, [state], [conditioning], guided_channels)
     return state.x

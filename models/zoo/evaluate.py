@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from denoised.models.checkpoints.model_dir import LoadedModel, load_model_dir
+from denoised.models.conditioning import Conditioning
 from denoised.models.sampling.samplers import SAMPLER_NAMES, create_sampler, sample
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
 from denoised.models.zoo.cli import positive_int
@@ -75,7 +76,8 @@ def generate(
         sampler, model.process, sampler_steps(sampler, nfe), (n, *model.latent_shape), generator
     )
     evaluations = state.nfe
-    x = sample(model.backbone, state, guidance, model.guided_channels, labels, model.num_classes)
+    conditioning = Conditioning.classes(labels, model.null_label, guidance)
+    x = sample(model.backbone, state, conditioning, model.guided_channels)
     return x, labels, evaluations
 
 

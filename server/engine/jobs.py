@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from denoised.models.conditioning import Conditioning
+
 _arrival = itertools.count()
 
 
@@ -25,7 +27,7 @@ class GenerationParams:
 
     request_id: str
     model: str
-    label: int | None  # class id; None: unconditional (the null label on class models)
+    label: int | None  # class id; None: unlabelled (the null class on class models)
     label_name: str | None
     n: int
     size: str
@@ -41,12 +43,16 @@ class GenerationParams:
     timeout: float
     stream: bool
     preview: bool
-    guided: bool  # whether unconditional rows run alongside (class label and scale != 1)
+    conditioning: Conditioning  # the rows' model inputs, and whether they are guided
+
+    @property
+    def guided(self) -> bool:
+        return self.conditioning.guided
 
     @property
     def rows(self) -> int:
         """Backbone rows per evaluation: a guided sample also runs unconditionally."""
-        return self.n * (2 if self.guided else 1)
+        return self.n * self.conditioning.rows_per_sample
 
     @property
     def batch_key(self) -> tuple:

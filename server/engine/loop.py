@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from denoised.models.sampling.samplers import SAMPLER_NAMES
+from denoised.server.admission import GenerationRequest, admit
 from denoised.server.engine.batcher import PROBE_AFTER, BatchLimit, Candidate, make_batcher
 from denoised.server.engine.jobs import (
     Draining,
@@ -35,10 +37,9 @@ from denoised.server.engine.jobs import (
 )
 from denoised.server.engine.runner import ModelRunner
 from denoised.server.faults import parse_faults
-from denoised.server.http.schemas import SamplingFields
 from denoised.server.imaging import encode_image, encode_stack_npy, preview_png, to_unit_range
 from denoised.server.metrics import Metrics
-from denoised.server.registry import ModelRegistry
+from denoised.server.registry import ModelRegistry, ServedModel
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.engine")
@@ -130,7 +131,7 @@ class Engine:
         self._pool = ThreadPoolExecutor(settings.encode_threads, "denoised-finish")
         self._thread = threading.Thread(target=self._loop, name="denoised-engine", daemon=True)
         for name in registry.models:
-            metrics.register_model(name, tuple(registry.models[name].card().samplers))
+            metrics.register_model(name, SAMPLER_NAMES)
             metrics.batch_limit.labels(model=name).set(settings.max_batch)
         if device.type == "cuda" or os.path.exists("/proc/self/statm"):
             metrics.watch_device_memory(str(device), _memory_reader(device))
@@ -203,11 +204,13 @@ class Engine:
                 del self.runners[name], self.limits[name]
                 self.registry.drop(name, f"warm-up failed: {type(exc).__name__}: {exc}")
 
-    def _warm_up(self, name: str, served) -> None:
-        guides = served.num_classes and served.loaded.guided_channels
-        fields = SamplingFields(n=1, steps=2, guidance_scale=2.0 if guides else 1.0)
-        label = 0 if served.num_classes else None
-        params, state = served.prepare(fields, label, "label", self.settings, "warmup", self.device)
+    def _warm_up(self, name: str, served: ServedModel) -> None:
+        request = GenerationRequest(
+            label=0 if served.num_classes else None,
+            steps=2,
+            guidance_scale=2.0 if served.can_guide else 1.0,
+        )
+        params, state = admit(served, request, self.settings, "warmup", self.device)
         item = _WarmupItem(params, state)
         while not state.done:
             outcome = self.runners[name].step([item])

@@ -31,7 +31,6 @@ class ModelRunner:
         self.model = model
         self.dtype = dtype
         self.device = next(model.backbone.parameters()).device
-        self.null_label = model.num_classes  # the label id trained as "no class"
         self._model_fn = (faults or Faults()).wrap(self._forward)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -45,21 +44,8 @@ class ModelRunner:
         noise for the pending evaluation is drawn once, so a retry is identical). A job whose
         new values are not finite is reported in `failed`; the others are unaffected."""
         states = [job.state for job in jobs]
-        labels = None
-        if self.null_label is not None:
-            labels = [
-                torch.full(
-                    (job.state.x.shape[0],),
-                    self.null_label if job.params.label is None else job.params.label,
-                    dtype=torch.int64,
-                    device=self.device,
-                )
-                for job in jobs
-            ]
-        scales = [job.params.guidance_scale if job.params.guided else 1.0 for job in jobs]
-        d = step_batch(
-            self._model_fn, states, scales, labels, self.null_label, self.model.guided_channels
-        )
+        conditionings = [job.params.conditioning for job in jobs]
+        d = step_batch(self._model_fn, states, conditionings, self.model.guided_channels)
         counts = [state.x.shape[0] for state in states]
         x_next = torch.cat([state.x for state in states])
         rows_ok = (torch.isfinite(x_next) & torch.isfinite(d)).flatten(1).all(1)

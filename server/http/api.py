@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hmac
 import json
 import time
@@ -18,6 +19,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from denoised.models.sampling.samplers import SAMPLER_NAMES
+from denoised.server.admission import FieldError, GenerationRequest, admit
 from denoised.server.engine.jobs import Job, JobError, JobResult, Progress, QueueFull
 from denoised.server.engine.loop import Engine
 from denoised.server.http.errors import APIError, error_body, install_error_handlers
@@ -39,6 +42,7 @@ from denoised.server.http.schemas import (
     ImagesRequest,
     ImagesResponse,
     ModelCard,
+    ModelDefaults,
     ModelList,
     ProgressEvent,
     Readiness,
@@ -46,9 +50,8 @@ from denoised.server.http.schemas import (
     Timings,
 )
 from denoised.server.imaging import MEDIA_TYPES
-from denoised.server.lifecycle import ServerState
+from denoised.server.lifecycle import NotReady, ServerState
 from denoised.server.registry import (
-    FieldError,
     ModelRegistry,
     ModelUnavailable,
     ServedModel,
@@ -70,6 +73,10 @@ shares one backbone forward per engine iteration (step-level batching).
   `image_generation.completed` per image. Either may end with `error` instead.
 * Errors: `{"error": {"message", "type", "param", "code", "request_id"}}`.
 """
+
+
+# The body fields admission reads (the label travels apart: `prompt` or `label`).
+ADMITTED_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"label", "label_param"}
 
 
 def _error_responses(*codes: int) -> dict:
@@ -259,6 +266,32 @@ async def _event_stream(
             engine.cancel(job)
 
 
+def _ready(server: ServerState) -> tuple[Engine, ModelRegistry]:
+    """The engine and models, or 503 (with Retry-After) saying why there are none."""
+    try:
+        return server.ready_engine()
+    except NotReady as exc:
+        raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
+
+
+def model_card(model: ServedModel) -> ModelCard:
+    """`GET /v1/models`' description of a served model."""
+    loaded = model.loaded
+    return ModelCard(
+        id=model.name,
+        created=model.created,
+        architecture=loaded.config["family"],
+        process=model.process,
+        prediction=loaded.process.prediction,
+        classes=model.classes,
+        num_classes=model.num_classes or None,
+        sizes=list(model.sizes),
+        samplers=list(SAMPLER_NAMES),
+        defaults=ModelDefaults(**dataclasses.asdict(model.defaults)),
+        latent=loaded.vae is not None,
+    )
+
+
 def _served_model(registry: ModelRegistry, name: str | None, param: str) -> ServedModel:
     """The model a request names: 404 when none is so named, 503 when it failed to load."""
     try:
@@ -279,13 +312,13 @@ async def _generate(
     partial_images: int = 0,
 ) -> Response:
     server = _state(request)
-    engine, registry = server.ready_engine()
+    engine, registry = _ready(server)
     request_id = request.state.request_id
     model = _served_model(registry, body.model, "model")
+    fields = body.model_dump(include=ADMITTED_FIELDS)
+    wanted = GenerationRequest(label=label, label_param=label_param, **fields)
     try:
-        params, sampler_state = model.prepare(
-            body, label, label_param, server.settings, request_id, engine.device
-        )
+        params, sampler_state = admit(model, wanted, server.settings, request_id, engine.device)
     except FieldError as exc:
         raise APIError(422, str(exc), param=exc.param) from None
     job = Job(params, sampler_state, asyncio.get_running_loop())
@@ -396,8 +429,8 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Served models (OpenAI list shape) with classes, sizes, samplers and defaults",
     )
     async def list_models(request: Request) -> ModelList:
-        _, registry = _state(request).ready_engine()
-        return ModelList(data=[m.card() for m in registry.models.values()])
+        _, registry = _ready(_state(request))
+        return ModelList(data=[model_card(m) for m in registry.models.values()])
 
     @app.get(
         "/v1/models/{model_id}",
@@ -408,8 +441,8 @@ def create_app(settings: Settings) -> FastAPI:
         summary="One served model",
     )
     async def get_model(model_id: str, request: Request) -> ModelCard:
-        _, registry = _state(request).ready_engine()
-        return _served_model(registry, model_id, "model_id").card()
+        _, registry = _ready(_state(request))
+        return model_card(_served_model(registry, model_id, "model_id"))
 
     @app.get("/health", response_model=Health, tags=["operations"], summary="Process alive")
     async def health() -> Health:

@@ -91,7 +91,7 @@ def launch_cases() -> dict[str, tuple]:
     """name -> (kernel, capability, args, kwargs) for every shipped configuration."""
     from denoised.kernels.adaln import _adaln_fwd, adaln_launch
     from denoised.kernels.attention import _flash_attention_fwd, flash_attention_launch
-    from denoised.kernels.guidance import _guided_update_fwd, guided_update_launch
+    from denoised.kernels.guidance import BatchUpdate, _guided_update_fwd, guided_update_launch
 
     cases = {}
     for capability, dtypes in ATTENTION_DTYPES.items():
@@ -131,11 +131,13 @@ def launch_cases() -> dict[str, tuple]:
             x = torch.empty(8, c, h, h)
             out = torch.empty(12, 2 * c, h, h, dtype=dtype)
             vec = torch.empty(8)
-            _, args, kwargs = guided_update_launch(
-                x, out[:8, :c], out[8:, :c], torch.zeros(8, dtype=torch.int64), vec, vec, vec,
-                vec, torch.empty(8, order), torch.empty(order - 1, 8, c, h, h), vec,
-                torch.empty_like(x) if noise else None, c, torch.empty_like(x), torch.empty_like(x),
+            update = BatchUpdate(
+                torch.zeros(8, dtype=torch.int64), vec, vec, vec, vec, torch.empty(8, order),
+                torch.empty(order - 1, 8, c, h, h), vec, torch.empty_like(x) if noise else None,
             )  # fmt: skip
+            _, args, kwargs = guided_update_launch(
+                x, out[:8, :c], out[8:, :c], update, c, torch.empty_like(x), torch.empty_like(x)
+            )
             name = f"guidance-k{order}-noise{int(noise)}-sm{capability}-{c}x{h}x{h}-{dtype}"
             cases[name.replace("torch.", "")] = (_guided_update_fwd, capability, args, kwargs)
     return cases

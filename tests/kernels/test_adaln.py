@@ -17,6 +17,7 @@ from denoised.kernels.adaln import (
     layer_norm_modulate,
     layer_norm_modulate_reference,
 )
+from denoised.kernels.backends import set_backends, using_backends
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -75,29 +76,29 @@ def test_gate_residual(dtype: torch.dtype) -> None:
     assert_close(x_out, gate_residual_reference(*_d(x, gate, branch)), dtype)
 
 
-def test_dispatch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_setting() -> None:
     x, branch, shift, scale, gate = _inputs(17, 72, torch.float32, seed=4)
-    monkeypatch.setenv("DENOISED_FUSED", "reference")
-    assert torch.equal(
-        layer_norm_modulate(x, shift, scale, 1e-6),
-        layer_norm_modulate_reference(x, shift, scale, 1e-6),
-    )
-    monkeypatch.setenv("DENOISED_FUSED", "triton")
-    assert torch.equal(
-        layer_norm_modulate(x, shift, scale, 1e-6), adaln_triton(x, shift=shift, scale=scale)[1]
-    )
-    assert torch.equal(gate_residual(x, gate, branch), adaln_triton(x, gate, branch)[0])
-    fused = gate_residual_layer_norm_modulate(x, gate, branch, shift, scale, 1e-6)
-    for got, want in zip(fused, adaln_triton(x, gate, branch, shift, scale, 1e-6), strict=True):
-        assert torch.equal(got, want)
-    monkeypatch.delenv("DENOISED_FUSED")
+    with using_backends(fused="reference"):
+        assert torch.equal(
+            layer_norm_modulate(x, shift, scale, 1e-6),
+            layer_norm_modulate_reference(x, shift, scale, 1e-6),
+        )
+    with using_backends(fused="triton"):
+        assert torch.equal(
+            layer_norm_modulate(x, shift, scale, 1e-6),
+            adaln_triton(x, shift=shift, scale=scale)[1],
+        )
+        assert torch.equal(gate_residual(x, gate, branch), adaln_triton(x, gate, branch)[0])
+        fused = gate_residual_layer_norm_modulate(x, gate, branch, shift, scale, 1e-6)
+        for got, want in zip(fused, adaln_triton(x, gate, branch, shift, scale, 1e-6), strict=True):
+            assert torch.equal(got, want)
     expect_kernel = x.is_cuda  # auto: the kernel on CUDA, the reference elsewhere
-    got = gate_residual(x, gate, branch)
+    with using_backends(fused="auto"):
+        got = gate_residual(x, gate, branch)
     want = adaln_triton(x, gate, branch)[0] if expect_kernel else x + gate[:, None] * branch
     assert torch.equal(got, want)
-    monkeypatch.setenv("DENOISED_FUSED", "always")
     with pytest.raises(ValueError, match="DENOISED_FUSED"):
-        gate_residual(x, gate, branch)
+        set_backends(fused="always")
 
 
 def test_bad_inputs_name_the_problem() -> None:

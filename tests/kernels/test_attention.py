@@ -15,6 +15,7 @@ from denoised.kernels.attention import (
     flash_attention_triton,
     split_head_dim,
 )
+from denoised.kernels.backends import set_backends, using_backends
 
 # The interpreter trips a NumPy deprecation inside Triton itself.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -92,19 +93,18 @@ def test_head_dim_split(head_dim: int, parts: tuple[int, int]) -> None:
     assert split_head_dim(head_dim) == parts
 
 
-def test_dispatch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_setting() -> None:
     q, k, v = (_randn(1, 2, 17, 32, dtype=torch.float32, seed=s) for s in (31, 32, 33))
     sdpa = F.scaled_dot_product_attention(q, k, v)
-    monkeypatch.setenv("DENOISED_ATTENTION", "sdpa")
-    assert torch.equal(attention(q, k, v), sdpa)
-    monkeypatch.setenv("DENOISED_ATTENTION", "triton")
-    assert torch.equal(attention(q, k, v), flash_attention_triton(q, k, v))
-    monkeypatch.setenv("DENOISED_ATTENTION", "auto")
-    expected = flash_attention_triton(q, k, v) if q.is_cuda else sdpa
-    assert torch.equal(attention(q, k, v), expected)
-    monkeypatch.setenv("DENOISED_ATTENTION", "fast")
+    with using_backends(attention="sdpa"):
+        assert torch.equal(attention(q, k, v), sdpa)
+    with using_backends(attention="triton"):
+        assert torch.equal(attention(q, k, v), flash_attention_triton(q, k, v))
+    with using_backends(attention="auto"):
+        expected = flash_attention_triton(q, k, v) if q.is_cuda else sdpa
+        assert torch.equal(attention(q, k, v), expected)
     with pytest.raises(ValueError, match="DENOISED_ATTENTION"):
-        attention(q, k, v)
+        set_backends(attention="fast")
 
 
 def test_bad_inputs_name_the_problem() -> None:

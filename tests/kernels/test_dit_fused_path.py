@@ -6,12 +6,13 @@ import pytest
 import torch
 from guards import DEVICE
 
+from denoised.kernels.backends import using_backends
 from denoised.models.backbones.dit import DiT, DiTConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def test_dit_forward_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dit_forward_matches_eager() -> None:
     torch.manual_seed(0)
     # Head dim 72 as in DiT-XL; 16 tokens; a learned-sigma output.
     config = DiTConfig(input_size=8, hidden_size=144, depth=2, num_heads=2, num_classes=5)
@@ -23,8 +24,6 @@ def test_dit_forward_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     y = torch.tensor([5, 0, 3], device=DEVICE)
     outputs = {}
     for path, attention, fused in (("eager", "sdpa", "reference"), ("kernels", "triton", "triton")):
-        monkeypatch.setenv("DENOISED_ATTENTION", attention)
-        monkeypatch.setenv("DENOISED_FUSED", fused)
-        with torch.no_grad():
+        with using_backends(attention, fused), torch.no_grad():
             outputs[path] = model(x, t, y)
     torch.testing.assert_close(outputs["kernels"], outputs["eager"], atol=1e-4, rtol=1e-4)

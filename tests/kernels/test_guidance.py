@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -9,7 +10,13 @@ import torch
 from guards import DEVICE, check_guarded, guarded_empty
 
 from denoised.kernels import guidance
-from denoised.kernels.guidance import guided_update, guided_update_reference, guided_update_triton
+from denoised.kernels.backends import using_backends
+from denoised.kernels.guidance import (
+    BatchUpdate,
+    guided_update,
+    guided_update_reference,
+    guided_update_triton,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -34,10 +41,8 @@ def _step(shape, order: int, with_noise: bool, cond_dtype: torch.dtype, seed: in
     # Backbone outputs with learned-variance channels: cond/uncond are channel slices.
     out = (torch.randn(batch + num_uncond, 2 * channels, *shape[2:], generator=g) * 3).to(DEVICE)
     out = out.to(cond_dtype)
-    return dict(
-        x=randn(*shape),
-        cond=out[:batch, :channels],
-        uncond=out[batch:, :channels],
+    x = randn(*shape)
+    update = BatchUpdate(
         uncond_index=torch.tensor(guided_rows, dtype=torch.int64, device=DEVICE),
         w=coeff() * 4,
         p=coeff(),
@@ -48,6 +53,7 @@ def _step(shape, order: int, with_noise: bool, cond_dtype: torch.dtype, seed: in
         c=coeff() if with_noise else torch.zeros(batch, device=DEVICE),
         noise=randn(*shape) if with_noise else None,
     )
+    return dict(x=x, cond=out[:batch, :channels], uncond=out[batch:, :channels], update=update)
 
 
 def _check(inputs: dict, guided_channels: int) -> None:
@@ -91,31 +97,36 @@ def test_no_unconditional_rows(guided_channels: int) -> None:
     _check(inputs, guided_channels)
 
 
-def test_dispatch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_setting() -> None:
     inputs = _step((3, 4, 8, 8), 2, True, torch.float32, seed=13, guided_rows=[0, -1, 1])
     for setting, implementation in (
         ("triton", guided_update_triton),
         ("reference", guided_update_reference),
     ):
-        monkeypatch.setenv("DENOISED_FUSED", setting)
-        got = guided_update(**inputs, guided_channels=4)
+        with using_backends(fused=setting):
+            got = guided_update(**inputs, guided_channels=4)
         want = implementation(**inputs, guided_channels=4)
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_bad_inputs_name_the_problem() -> None:
     inputs = _step((3, 4, 8, 8), 2, True, torch.float32, seed=14, guided_rows=[0, -1, 1])
+    update = inputs["update"]
+
+    def changed(**fields) -> dict:
+        return {**inputs, "update": dataclasses.replace(update, **fields)}
+
     with pytest.raises(ValueError, match="history must hold"):
-        guided_update_triton(**{**inputs, "history": None}, guided_channels=4)
+        guided_update_triton(**changed(history=None), guided_channels=4)
     with pytest.raises(ValueError, match="guided_channels"):
         guided_update_triton(**inputs, guided_channels=5)
     with pytest.raises(ValueError, match="w must have shape"):
-        guided_update_triton(**{**inputs, "w": inputs["w"][:2]}, guided_channels=4)
-    wide = {**inputs, "b": torch.ones(3, 5, device=DEVICE)}
+        guided_update_triton(**changed(w=update.w[:2]), guided_channels=4)
     with pytest.raises(ValueError, match="K <= 4"):
-        guided_update_triton(**wide, guided_channels=4)
+        guided_update_triton(**changed(b=torch.ones(3, 5, device=DEVICE)), guided_channels=4)
 
 
 def test_custom_op_is_traceable() -> None:
     inputs = _step((3, 4, 8, 8), 3, True, torch.bfloat16, seed=15, guided_rows=[0, -1, 1])
-    torch.library.opcheck(guidance._guided_update_op, (*inputs.values(), 4))
+    flat = (inputs["x"], inputs["cond"], inputs["uncond"], *inputs["update"].values(), 4)
+    torch.library.opcheck(guidance._guided_update_op, flat)

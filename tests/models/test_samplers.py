@@ -7,6 +7,7 @@ import pytest
 import torch
 from gaussian_mixture import GaussianMixture, mixture_model
 
+from denoised.models.conditioning import Conditioning
 from denoised.models.sampling.grids import make_grid
 from denoised.models.sampling.process import FlowProcess, Process, VPProcess
 from denoised.models.sampling.samplers import (
@@ -328,9 +329,13 @@ def test_mixed_batch_equals_runs_alone(guided_channels):
         return create_sampler(name, proc, steps, (n, 4, 2, 2), gen(100 + i), options)
 
     labels = [torch.tensor([i % 3] * REQUESTS[i][4]) for i in range(len(REQUESTS))]
+
+    def conditioning(i: int, w: float) -> Conditioning:
+        return Conditioning.classes(labels[i], null, w)
+
     alone = []
     for i, (_, _, _, w, _, _) in enumerate(REQUESTS):
-        alone.append(sample(model, new_state(i), w, guided_channels, labels[i], null))
+        alone.append(sample(model, new_state(i), conditioning(i, w), guided_channels))
 
     states: dict[int, object] = {}
     finished: dict[int, torch.Tensor] = {}
@@ -344,9 +349,7 @@ def test_mixed_batch_equals_runs_alone(guided_channels):
             step_batch(
                 model,
                 [states[i] for i in active],
-                [REQUESTS[i][3] for i in active],
-                [labels[i] for i in active],
-                null,
+                [conditioning(i, REQUESTS[i][3]) for i in active],
                 guided_channels,
             )
         for i in active:
@@ -356,5 +359,5 @@ def test_mixed_batch_equals_runs_alone(guided_channels):
     for i in range(len(REQUESTS)):
         torch.testing.assert_close(finished[i], alone[i], atol=1e-5, rtol=0, msg=f"request {i}")
     # guidance changed the guided requests' images (the test can fail)
-    unguided = sample(model, new_state(1), 1.0, guided_channels, labels[1], null)
+    unguided = sample(model, new_state(1), conditioning(1, 1.0), guided_channels)
     assert (unguided - alone[1]).abs().max() > 1e-2

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tiny_models import write_tiny_models
 
+from denoised.server.admission import GenerationRequest, admit
 from denoised.server.engine.jobs import Draining, Job, JobError, JobResult, QueueFull
 from denoised.server.engine.loop import Engine
-from denoised.server.http.schemas import GenerateRequest
 from denoised.server.metrics import Metrics
 from denoised.server.registry import load_registry
 from denoised.server.settings import Settings
@@ -43,10 +43,9 @@ def make_engine(registry):
 
 
 def prepare(engine: Engine, loop, model: str, label=None, **fields) -> Job:
-    body = GenerateRequest(model=model, output_format="npy", **fields)
-    params, state = engine.registry.get(model).prepare(
-        body, label, "label", engine.settings, "test", CPU
-    )
+    request = GenerationRequest(label=label, output_format="npy", **fields)
+    served = engine.registry.get(model)
+    params, state = admit(served, request, engine.settings, "test", CPU)
     return Job(params, state, loop)
 
 
@@ -132,7 +131,10 @@ def test_a_request_whose_forward_raises_fails_alone(make_engine, solo):
 
     def bad_label(i, job):  # an id past the class table: the embedding lookup raises
         if i == 0:
-            job.params = dataclasses.replace(job.params, label=10_000)
+            conditioning = job.params.conditioning
+            past = torch.full_like(conditioning.inputs, 10_000)
+            conditioning = dataclasses.replace(conditioning, inputs=past)
+            job.params = dataclasses.replace(job.params, conditioning=conditioning)
         return job
 
     results = asyncio.run(run_jobs(engine, MIXED[:3], tamper=bad_label))

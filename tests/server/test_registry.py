@@ -17,12 +17,12 @@ from tiny_models import write_tiny_models, write_unnamed_dit
 from denoised.models.backbones.unet import UNet, UNetConfig
 from denoised.models.checkpoints.model_dir import save_model_dir
 from denoised.models.checkpoints.presets import DDPM_LINEAR_PROCESS, materialize_preset
+from denoised.server.admission import FieldError, GenerationRequest, admit
 from denoised.server.engine.jobs import Job
 from denoised.server.engine.loop import Engine
-from denoised.server.http.api import create_app
-from denoised.server.http.schemas import SamplingFields
+from denoised.server.http.api import create_app, model_card
 from denoised.server.metrics import Metrics
-from denoised.server.registry import FieldError, load_registry
+from denoised.server.registry import load_registry
 from denoised.server.settings import Settings
 
 CPU = torch.device("cpu")
@@ -40,14 +40,14 @@ def preset(preset_registry):
 
 
 def prepare(served, label, **fields):
-    params, _ = served.prepare(
-        SamplingFields(steps=2, **fields), label, "label", Settings(), "req", CPU
+    params, _ = admit(
+        served, GenerationRequest(label=label, steps=2, **fields), Settings(), "req", CPU
     )
     return params
 
 
 def test_a_preset_without_class_names_is_conditional_on_its_class_ids(preset):
-    card = preset.card()
+    card = model_card(preset)
     assert (card.classes, card.num_classes) == (None, 1000)
     for label, name in ((1, "1"), ("999", "999"), (" 0 ", "0")):
         params = prepare(preset, label, guidance_scale=4.0)
@@ -80,8 +80,8 @@ def test_a_preset_generates_by_class_id_with_guidance(preset_registry, preset):
     engine = Engine(preset_registry, Settings(warmup=False), Metrics(), CPU, torch.float32)
 
     async def generate(label, guidance_scale):
-        fields = SamplingFields(steps=2, seed=0, guidance_scale=guidance_scale)
-        params, state = preset.prepare(fields, label, "label", engine.settings, "r", CPU)
+        request = GenerationRequest(label=label, steps=2, seed=0, guidance_scale=guidance_scale)
+        params, state = admit(preset, request, engine.settings, "r", CPU)
         job = Job(params, state, asyncio.get_running_loop())
         engine.submit(job)
         return (await job.result).pixels[0]
