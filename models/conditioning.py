@@ -16,6 +16,16 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class TextContext:
+    """Encoded prompts for a text-conditioned backbone, one row per backbone row: what its
+    `forward(x, t, y)` takes as `y`."""
+
+    tokens: Tensor  # [B, L, D] the text encoders' hidden states, padded to L
+    mask: Tensor | None = None  # [B, L] bool, True for real tokens; None: every token real
+    pooled: Tensor | None = None  # [B, P] pooled text embedding, for backbones that take one
+
+
+@dataclass(frozen=True)
 class Conditioning:
     """`inputs`: the conditional rows' model input ([n] class ids), None for an unconditional
     backbone; `null_inputs`: the unconditional rows' input, None when unguided; `scale`: the
