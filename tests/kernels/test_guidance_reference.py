@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from denoised.kernels.guidance import guided_update, guided_update_reference
+from denoised.kernels.guidance import BatchUpdate, guided_update, guided_update_reference
 
 
 def per_sample(x, cond, uncond, uncond_index, w, p, q, a, b, history, c, noise, g):
@@ -48,6 +48,11 @@ def random_inputs(
             history, rnd(batch), noise, guided_channels)  # fmt: skip
 
 
+def packed(fn, args):
+    """`fn` on the flat arguments of `per_sample` (x, cond, uncond, the update's fields, g)."""
+    return fn(*args[:3], BatchUpdate(*args[3:12]), args[12])
+
+
 CASES = [
     # batch, channels, size, unconditional rows, K, guided channels, cond dtype, noise
     (1, 1, 1, 0, 1, 1, torch.float32, False),
@@ -63,7 +68,7 @@ def test_reference_matches_definition(seed, case):
     args = random_inputs(*case, seed=seed)
     want_x, want_d = per_sample(*args)
     for fn in (guided_update_reference, guided_update):
-        got_x, got_d = fn(*args)
+        got_x, got_d = packed(fn, args)
         assert got_x.dtype == torch.float32 and got_d.dtype == torch.float32
         torch.testing.assert_close(got_d.double(), want_d, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_x.double(), want_x, rtol=1e-5, atol=1e-5)
@@ -71,11 +76,11 @@ def test_reference_matches_definition(seed, case):
 
 def test_unguided_rows_ignore_w_and_uncond():
     args = list(random_inputs(4, 3, 5, 2, 1, 3, torch.float32, False, seed=3))
-    x1, _ = guided_update_reference(*args)
+    x1, _ = packed(guided_update_reference, args)
     unguided = args[3] < 0
     args[4] = args[4].clone()
     args[4][unguided] = 123.0  # w of unguided rows is ignored
-    x2, _ = guided_update_reference(*args)
+    x2, _ = packed(guided_update_reference, args)
     torch.testing.assert_close(x1, x2, rtol=0, atol=0)
 
 
@@ -83,8 +88,8 @@ def test_bad_shapes():
     args = list(random_inputs(4, 3, 5, 2, 3, 3, torch.float32, False, seed=4))
     args[9] = None  # K = 3 needs two history tensors
     with pytest.raises(ValueError, match="history"):
-        guided_update_reference(*args)
+        packed(guided_update_reference, args)
     args = list(random_inputs(4, 3, 5, 2, 1, 3, torch.float32, False, seed=4))
     args[8] = args[8][:3]
     with pytest.raises(ValueError, match="b must have shape"):
-        guided_update_reference(*args)
+        packed(guided_update_reference, args)
