@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from denoised.models.sampling.samplers import SAMPLER_NAMES
@@ -58,6 +59,8 @@ from denoised.server.registry import (
     UnknownModel,
 )
 from denoised.server.settings import Settings
+
+DOCS_ASSETS = "/docs/static"  # where /docs and /redoc load Swagger UI's and ReDoc's files from
 
 API_DESCRIPTION = """
 Image generation from trained diffusion and flow-matching models.
@@ -361,11 +364,16 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await run_in_threadpool(server.stop)
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their scripts, styles and icon from the server itself
+    # (fastapi-offline ships them), not from a CDN, so they work where the server has no
+    # internet access. The validator badge is off: it would fetch from validator.swagger.io.
+    app = FastAPIOffline(
         title="denoised",
         version="0.1.0",
         description=API_DESCRIPTION,
         lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.server = server
     app.state.api_keys = settings.all_api_keys()

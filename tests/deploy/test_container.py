@@ -2,8 +2,9 @@
 here): built on the local Debian base (deploy/ci-setup.sh prepares it) from an offline
 wheelhouse with this venv's torch and dependency versions, run as its non-root user with a
 read-only root filesystem and host networking; it must become ready, generate an image through
-the API, expose its metrics, pass its HEALTHCHECK and drain on SIGTERM with exit code 0; and
-serve a model directory mounted at /models instead of the defaults."""
+the API, expose its metrics, serve its API docs without a CDN, pass its HEALTHCHECK and drain
+on SIGTERM with exit code 0; and serve a model directory mounted at /models instead of the
+defaults."""
 
 from __future__ import annotations
 
@@ -174,6 +175,13 @@ def test_container_serves_the_default_model(image):
         assert samples[("denoised_ready", ())] == 1
         ok = (("model", model["id"]), ("sampler", body["sampler"]), ("status", "ok"))
         assert samples[("denoised_requests_total", ok)] == 1
+
+        # The API docs page loads Swagger UI from the image's own files, not from a CDN.
+        docs = httpx.get(f"{base}/docs", timeout=10)
+        assert docs.status_code == 200, docs.text
+        script = re.search(r'<script src="(/[^"]+)"', docs.text)
+        assert script, docs.text
+        assert httpx.get(base + script.group(1), timeout=10).status_code == 200
 
         # The image's HEALTHCHECK, run by podman inside the container.
         health = podman("healthcheck", "run", name, check=False)
