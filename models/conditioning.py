@@ -1,17 +1,21 @@
 """What a sampler state's rows condition on: decided once, when a request is admitted.
 
-A class-conditional backbone takes one class id per row. A guided state also runs each
-sample a second time on the model's null class (its unconditional rows) and combines the two
-outputs as u + w·(c − u) (Ho & Salimans, 2022); `Conditioning` holds both rows' inputs and w,
-and is the only place that decides whether a state is guided. `step_batch` stacks the inputs
-of every state in a forward, conditional rows first.
+A class-conditional backbone takes one class id per row, a text-conditioned one a row of
+encoded prompt tokens (`TextContext`). A guided state also runs each sample a second time on
+the model's null class, or on the negative (or empty) prompt — its unconditional rows — and
+combines the two outputs as u + w·(c − u) (Ho & Salimans, 2022). `Conditioning` holds both
+rows' inputs and w, and is the only place that decides whether a state is guided;
+`step_batch` stacks the inputs of every state in a forward (`stack_inputs`), conditional
+rows first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -24,15 +28,60 @@ class TextContext:
     mask: Tensor | None = None  # [B, L] bool, True for real tokens; None: every token real
     pooled: Tensor | None = None  # [B, P] pooled text embedding, for backbones that take one
 
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def repeat(self, n: int) -> TextContext:
+        """A one-row context as `n` rows (views: a request's images share its prompt)."""
+        if self.rows != 1:
+            raise ValueError(f"repeat needs a one-row context, got {self.rows} rows")
+
+        def expand(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.expand(n, *t.shape[1:])
+
+        return TextContext(expand(self.tokens), expand(self.mask), expand(self.pooled))
+
+    @classmethod
+    def cat(cls, parts: Sequence[TextContext]) -> TextContext:
+        """Row-concatenate contexts of any token counts: shorter ones are zero-padded and
+        masked, so a forward can mix prompts of different lengths."""
+        length = max(part.tokens.shape[1] for part in parts)
+        if any((part.pooled is None) != (parts[0].pooled is None) for part in parts):
+            raise ValueError("pooled embeddings must be given for all contexts or for none")
+        same_length = all(part.tokens.shape[1] == length for part in parts)
+        tokens, masks = [], []
+        for part in parts:
+            missing = length - part.tokens.shape[1]
+            tokens.append(F.pad(part.tokens, (0, 0, 0, missing)))
+            mask = part.mask
+            if mask is None:
+                mask = part.tokens.new_ones(part.tokens.shape[:2], dtype=torch.bool)
+            masks.append(F.pad(mask, (0, missing), value=False))
+        no_mask = same_length and all(part.mask is None for part in parts)
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return cls(torch.cat(tokens), None if no_mask else torch.cat(masks), pooled)
+
+
+ModelInput = Tensor | TextContext  # one row per backbone row: class ids, or encoded prompts
+
+
+def stack_inputs(parts: Sequence[ModelInput]) -> ModelInput:
+    """Several states' model inputs as one forward's, rows in order."""
+    if isinstance(parts[0], Tensor):
+        return torch.cat(list(parts))
+    return type(parts[0]).cat(parts)
+
 
 @dataclass(frozen=True)
 class Conditioning:
-    """`inputs`: the conditional rows' model input ([n] class ids), None for an unconditional
-    backbone; `null_inputs`: the unconditional rows' input, None when unguided; `scale`: the
-    guidance weight w (1 when unguided)."""
+    """`inputs`: the conditional rows' model input ([n] class ids or a `TextContext` of n
+    rows), None for an unconditional backbone; `null_inputs`: the unconditional rows' input
+    (the null class, the negative or empty prompt), None when unguided; `scale`: the guidance
+    weight w (1 when unguided)."""
 
-    inputs: Tensor | None = None
-    null_inputs: Tensor | None = None
+    inputs: ModelInput | None = None
+    null_inputs: ModelInput | None = None
     scale: float = 1.0
 
     @property
@@ -43,6 +92,16 @@ class Conditioning:
     def rows_per_sample(self) -> int:
         """Backbone rows per sample and evaluation: a guided sample also runs unconditionally."""
         return 2 if self.guided else 1
+
+    @classmethod
+    def prompts(
+        cls, n: int, prompt: TextContext, negative: TextContext, scale: float = 1.0
+    ) -> Conditioning:
+        """A request's n rows from its one-row encoded prompt, guided when `scale` is not 1:
+        the negative (or empty) prompt then runs as the unconditional rows."""
+        if scale == 1.0:
+            return cls(prompt.repeat(n))
+        return cls(prompt.repeat(n), negative.repeat(n), float(scale))
 
     @classmethod
     def classes(cls, labels: Tensor, null_label: int | None, scale: float = 1.0) -> Conditioning:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from denoised.kernels.guidance import BatchUpdate, guided_update
-from denoised.models.conditioning import UNCONDITIONAL, Conditioning
+from denoised.models.conditioning import UNCONDITIONAL, Conditioning, ModelInput, stack_inputs
 from denoised.models.sampling.grids import Grid, SamplerOptionError, make_grid
 from denoised.models.sampling.process import FlowProcess, Process
 
@@ -491,7 +491,7 @@ def create_sampler(
 
 # --- batched stepping ------------------------------------------------------------------------
 
-ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+ModelFn = Callable[[Tensor, Tensor, ModelInput | None], Tensor]
 
 
 def stack_updates(
@@ -588,7 +588,9 @@ def step_batch(
     if has_inputs:
         rows = [cond.inputs for cond in conditionings]
         rows += [conditionings[i].null_inputs for i in extra]
-        model_y = torch.cat([y.to(device) for y in rows])
+        model_y = stack_inputs(rows)
+        if isinstance(model_y, Tensor):
+            model_y = model_y.to(device)
     out = model_fn(model_x, model_t, model_y)
     channels = x.shape[1]
     cond_out, uncond_out = out[: x.shape[0], :channels], out[x.shape[0] :, :channels]
