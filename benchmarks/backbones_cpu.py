@@ -7,6 +7,7 @@ measured in the same run. Not a test; timings depend on the machine and its load
     python benchmarks/backbones_cpu.py                       # small presets, batches 1 2 4
     python benchmarks/backbones_cpu.py --vae --batch-sizes 1   # with the 256 px VAE decode
     python benchmarks/backbones_cpu.py --presets dit-xl-2-256 --batch-sizes 1 --repeats 1
+    python benchmarks/backbones_cpu.py --presets sd3-medium-depth2 --batch-sizes 1 --repeats 1
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import time
 
 import torch
 
+from denoised.models.backbones.mmdit import MMDiTConfig
 from denoised.models.checkpoints.presets import PRESET_NAMES, build_preset, build_preset_vae
+from denoised.models.conditioning import TextContext
+
+SD3_TEXT_TOKENS = 77 + 256
 
 
 def seconds_per_call(fn, repeats: int) -> float:
@@ -25,6 +30,15 @@ def seconds_per_call(fn, repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
+
+
+def conditioning(arch, n: int) -> torch.Tensor | TextContext | None:
+    """Random class ids, or random prompt encodings for a text-conditioned backbone (SD3's
+    77 CLIP + 256 T5 tokens)."""
+    if isinstance(arch, MMDiTConfig):
+        tokens = torch.randn(n, SD3_TEXT_TOKENS, arch.joint_attention_dim)
+        return TextContext(tokens, pooled=torch.randn(n, arch.pooled_projection_dim))
+    return torch.randint(0, 1000, (n,)) if getattr(arch, "num_classes", None) else None
 
 
 def bench_preset(name: str, batch_sizes: list[int], repeats: int, vae: bool) -> None:
@@ -43,7 +57,7 @@ def bench_preset(name: str, batch_sizes: list[int], repeats: int, vae: bool) -> 
         for n in batch_sizes:
             x = torch.randn(n, channels, side, side)
             t = torch.rand(n) * 999
-            y = torch.randint(0, 1000, (n,)) if getattr(arch, "num_classes", None) else None
+            y = conditioning(arch, n)
 
             def call(module=module, x=x, t=t, y=y, part=part):
                 with torch.inference_mode():

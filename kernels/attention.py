@@ -1,4 +1,4 @@
-"""The one attention entry point used by every attention layer (DiT, UNet, VAE).
+"""The one attention entry point used by every attention layer (DiT, MMDiT, UNet, VAE).
 
 `attention(q, k, v)` takes `[batch, heads, tokens, head_dim]` tensors and returns the
 non-causal softmax attention with scale `1/sqrt(head_dim)`. The backend is chosen per call
@@ -17,6 +17,9 @@ padded to 128, so DiT-XL's 72 does 80/72 of the matmul work rather than 128/72. 
 strided views (e.g. q, k, v sliced out of one fused qkv projection); any query and key
 length works (tails are masked). It is exposed as the `denoised::flash_attention` custom op
 so `torch.compile` sees one opaque node.
+
+`attention(q, k, v, mask)` with a `[batch, key tokens]` bool key-padding mask (False: a padded
+key no query may attend to) always runs SDPA with that mask, whatever the backend.
 """
 
 from __future__ import annotations
@@ -307,7 +310,26 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return new_output(q)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _key_padding_mask(mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A `[B, L_k]` bool key-padding mask as SDPA's `[B, 1, 1, L_k]` attn_mask (ValueError
+    naming a bad shape or dtype)."""
+    if mask.dtype != torch.bool or tuple(mask.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(
+            f"attention: mask must be a bool [batch, key tokens] = {(k.shape[0], k.shape[2])} "
+            f"tensor, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    return mask[:, None, None, :]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention of `[B, H, N, D]` tensors on the configured backend. `mask`: an
+    optional `[B, L_k]` bool key-padding mask, True for the keys each row may attend to (e.g.
+    the real tokens of prompts padded to one length); with one, every backend runs SDPA with
+    it (the Triton kernel takes no mask). A query whose keys are all masked gets NaN."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_key_padding_mask(mask, k))
     backend = backends().attention
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)

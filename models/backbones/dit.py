@@ -84,6 +84,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def patch_grid(x: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """The token grid `(H/p, W/p)` of latents `x: [B, C, H, W]`; ValueError unless p divides
+    both sides."""
+    h, w = x.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {patch_size}")
+    return h // patch_size, w // patch_size
+
+
+def unpatchify(
+    tokens: torch.Tensor, grid_h: int, grid_w: int, patch_size: int, channels: int
+) -> torch.Tensor:
+    """`[B, N, p*p*C] -> [B, C, H, W]` (patch pixels row-major, channels last)."""
+    p, c = patch_size, channels
+    x = tokens.reshape(-1, grid_h, grid_w, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(-1, c, grid_h * p, grid_w * p)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, freq_shift: float):
         super().__init__()
@@ -202,24 +220,18 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """`x: [B, C, H, W]`, `t: [B]` in the model's time convention, `y: [B]` int64 labels
         (None: the null label for every sample). Returns `[B, out_channels, H, W]`."""
-        p = self.config.patch_size
-        b, _, h, w = x.shape
-        if h % p or w % p:
-            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
+        grid_h, grid_w = patch_grid(x, self.config.patch_size)
         if y is None:
-            y = torch.full((b,), self.null_label, dtype=torch.long, device=x.device)
+            y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
         tokens = self.x_embedder(x)
-        tokens = tokens + self.position_table(h // p, w // p)
+        tokens = tokens + self.position_table(grid_h, grid_w)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             tokens = block(tokens, c)
-        return self.unpatchify(self.final_layer(tokens, c), h // p, w // p)
+        return self.unpatchify(self.final_layer(tokens, c), grid_h, grid_w)
 
     def unpatchify(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """`[B, N, p*p*C] -> [B, C, H, W]` (patch pixels row-major, channels last)."""
-        p, c = self.config.patch_size, self.config.out_channels
-        x = tokens.reshape(-1, grid_h, grid_w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(-1, c, grid_h * p, grid_w * p)
+        return unpatchify(tokens, grid_h, grid_w, self.config.patch_size, self.config.out_channels)
 
     @torch.no_grad()
     def initialize_for_training(self) -> None:

@@ -1,10 +1,13 @@
-"""Fixed sinusoidal embeddings shared by the backbones: timesteps and 2-D patch positions."""
+"""Embeddings shared by the backbones: sinusoidal timesteps and 2-D patch positions, and the
+MLP that embeds a conditioning vector."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def timestep_embedding(
@@ -31,7 +34,7 @@ def timestep_embedding(
     sin, cos = torch.sin(args), torch.cos(args)
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
     if dim % 2:
-        emb = torch.nn.functional.pad(emb, (0, 1))
+        emb = F.pad(emb, (0, 1))
     return emb
 
 
@@ -42,15 +45,36 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+def sincos_2d(dim: int, grid_h: int, grid_w: int, spacing: float = 1.0) -> torch.Tensor:
     """The fixed 2-D position table of DiT/MAE for a row-major `grid_h x grid_w` token grid.
 
-    Returns float32 `[grid_h * grid_w, dim]`: the first half encodes the column index, the
-    second half the row index (the reference implementations put width first). Built on the
-    CPU even under a `torch.device("meta")` context, so a module built there keeps the table.
+    Returns float32 `[grid_h * grid_w, dim]`: the first half encodes the column position, the
+    second half the row position (the reference implementations put width first). Positions
+    are `index / spacing`, in float32 as diffusers computes them (SD3 spaces its table's
+    `pos_embed_max_size` positions over the training grid's side). Built on the CPU even under
+    a `torch.device("meta")` context, so a module built there keeps the table.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    rows = torch.arange(grid_h, device="cpu").repeat_interleave(grid_w)
-    cols = torch.arange(grid_w, device="cpu").repeat(grid_h)
-    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
+
+    def table(n: int) -> torch.Tensor:  # one row per position, expanded to the grid below
+        positions = torch.arange(n, dtype=torch.float32, device="cpu") / spacing
+        return sincos_1d(dim // 2, positions).float()
+
+    cols = table(grid_w).repeat(grid_h, 1)
+    rows = table(grid_h).repeat_interleave(grid_w, dim=0)
+    return torch.cat([cols, rows], dim=1)
+
+
+class TimestepMLP(nn.Module):
+    """Linear-SiLU-Linear on a conditioning vector: diffusers' `TimestepEmbedding` (on the
+    sinusoidal timestep features) and its SiLU `PixArtAlphaTextProjection` (on a pooled text
+    embedding), parameter names included."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))

@@ -25,7 +25,7 @@ from denoised.models.backbones.conv_blocks import (
     SpatialSelfAttention,
     Upsample,
 )
-from denoised.models.backbones.embeddings import timestep_embedding
+from denoised.models.backbones.embeddings import TimestepMLP, timestep_embedding
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -76,16 +76,6 @@ class UNetConfig(Architecture):
     @property
     def class_rows(self) -> int:
         return 0 if self.num_classes is None else self.num_classes + int(self.null_label)
-
-
-class TimestepMLP(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
 
 
 class DownBlock(nn.Module):

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from denoised.models.backbones.dit import DiT, DiTConfig
+from denoised.models.backbones.mmdit import MMDiT, MMDiTConfig
 from denoised.models.backbones.unet import UNet, UNetConfig
 from denoised.models.backbones.vae import VAEConfig, VAEDecoder
 from denoised.models.sampling.process import Process, process_from_config
@@ -38,11 +39,13 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 DEFAULT_KEYS = ("sampler", "steps", "guidance_scale", "size")  # config.json's "defaults"
 MAX_GUIDANCE_SCALE = 100.0  # the API's bound on guidance_scale
 
-# family -> (backbone class, architecture config class). SiT is DiT with a flow process.
+# family -> (backbone class, architecture config class). SiT is DiT with a flow process;
+# MMDiT is Stable Diffusion 3's text-conditioned transformer.
 BACKBONES: dict[str, tuple[type[nn.Module], type]] = {
     "dit": (DiT, DiTConfig),
     "sit": (DiT, DiTConfig),
     "unet": (UNet, UNetConfig),
+    "mmdit": (MMDiT, MMDiTConfig),
 }
 
 
@@ -60,6 +63,9 @@ class LoadedModel:
     out_channels_used: int  # leading backbone output channels that form the prediction
     guided_channels: int  # leading channels guidance applies to (0: no guidance)
     has_null_label: bool  # the class table has the null row (id `num_classes`) for no class
+    # (token width, pooled width or None) of the TextContext a text-conditioned backbone takes
+    # as `y`; None: the backbone takes class ids (or nothing)
+    text_dims: tuple[int, int | None] | None = None
 
     @property
     def null_label(self) -> int | None:
@@ -244,9 +250,17 @@ def check_defaults(defaults: object, guided_channels: int, size: str) -> None:
 def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
     """The derived facts of a model: shapes, labels and the channels guidance applies to."""
     arch = backbone.config
+    text_dims = None
     if isinstance(arch, DiTConfig):
         channels, side, num_classes = arch.in_channels, arch.input_size, arch.num_classes
         has_null = True
+    elif isinstance(arch, MMDiTConfig):
+        channels, side, num_classes, has_null = arch.in_channels, arch.sample_size, None, False
+        text_dims = (arch.joint_attention_dim, arch.pooled_projection_dim)
+        if arch.out_channels < channels:
+            raise ValueError(
+                f"the backbone predicts {arch.out_channels} channels of its {channels} inputs"
+            )
     else:
         channels, side, num_classes = arch.in_channels, arch.sample_size, arch.num_classes
         has_null = num_classes is not None and arch.null_label
@@ -255,11 +269,13 @@ def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
         raise ValueError(
             f"config lists {len(class_names)} class names but the model has {num_classes} classes"
         )
-    guided = config.get("guided_channels", channels if has_null else 0)
-    if not 0 <= guided <= channels or (guided and not has_null):
+    # A text-conditioned model is guided against the encoding of an empty prompt.
+    guidable = has_null or text_dims is not None
+    guided = config.get("guided_channels", channels if guidable else 0)
+    if not 0 <= guided <= channels or (guided and not guidable):
         raise ValueError(
             f"guided_channels={guided} is invalid: the model has {channels} channels"
-            + ("" if has_null else " and no null label, so it cannot be guided")
+            + ("" if guidable else " and no null label, so it cannot be guided")
         )
     if vae is not None and vae.config.latent_channels != channels:
         raise ValueError(
@@ -276,6 +292,7 @@ def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
         "out_channels_used": channels,
         "guided_channels": guided,
         "has_null_label": bool(has_null),
+        "text_dims": text_dims,
     }
 
 
@@ -287,9 +304,9 @@ def save_model_dir(
 ) -> Path:
     """Write `backbone` (and `vae`) with `config` as a model directory; returns its path.
 
-    `config` needs at least `process`; `family` defaults from the backbone type ("dit" or
-    "unet"), `architecture` and `vae` are filled in from the modules, `name` defaults to the
-    directory name. Everything is validated the way `load_model_dir` would.
+    `config` needs at least `process`; `family` defaults from the backbone type ("dit",
+    "unet" or "mmdit"), `architecture` and `vae` are filled in from the modules, `name`
+    defaults to the directory name. Everything is validated the way `load_model_dir` would.
     """
     path = Path(path)
     config = dict(config)

@@ -130,3 +130,20 @@ def test_default_output_is_token_major() -> None:
     out = flash_attention_triton(q, k, v)
     assert out.transpose(1, 2).is_contiguous()
     assert_close(out, _reference(q, k, v), torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "sdpa"])
+def test_key_padding_mask_equals_dropping_the_padded_keys(backend: str) -> None:
+    # Row 0 keeps 5 of 9 keys, row 1 all of them: each row as if its padding were not there.
+    q = _randn(2, 2, 7, 32, dtype=torch.float32, seed=71)
+    k, v = (_randn(2, 2, 9, 32, dtype=torch.float32, seed=s) for s in (72, 73))
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[0, 5:] = False
+    with using_backends(attention=backend):
+        out = attention(q, k, v, mask=mask)
+    assert_close(out[:1], _reference(q[:1], k[:1, :, :5], v[:1, :, :5]), torch.float32)
+    assert_close(out[1:], _reference(q[1:], k[1:], v[1:]), torch.float32)
+    with pytest.raises(ValueError, match=r"mask must be a bool \[batch, key tokens\] = \(2, 9\)"):
+        attention(q, k, v, mask=mask[:, :8])
+    with pytest.raises(ValueError, match=r"got torch\.float32"):
+        attention(q, k, v, mask=mask.float())

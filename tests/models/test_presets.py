@@ -1,13 +1,17 @@
 """Random-weight presets: the released shapes, seeded, and loadable as model directories."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from denoised.models.backbones.dit import DiT
+from denoised.models.backbones.mmdit import MMDiT
 from denoised.models.backbones.vae import VAEConfig
 from denoised.models.checkpoints.model_dir import load_model_dir
 from denoised.models.checkpoints.presets import (
     PRESET_NAMES,
+    SD3_MEDIUM,
     build_preset,
     build_preset_vae,
     materialize_preset,
@@ -26,6 +30,20 @@ def test_dit_presets_have_released_shapes(name, millions):
     assert abs(sum(p.numel() for p in backbone.parameters()) / 1e6 - millions) < 0.5
     assert vae.config == VAEConfig() and config["guided_channels"] == 3
     assert config["process"]["type"] == "vp" and config["process"]["prediction"] == "epsilon"
+
+
+def test_sd3_preset_is_sd3_medium_cut_to_two_blocks():
+    with torch.device("meta"):
+        backbone, config = build_preset("sd3-medium-depth2")
+    assert isinstance(backbone, MMDiT) and config["family"] == "mmdit"
+    assert backbone.config.num_layers == 2 and SD3_MEDIUM.num_layers == 24
+    assert backbone.config == replace(SD3_MEDIUM, num_layers=2)
+    assert abs(sum(p.numel() for p in backbone.parameters()) / 1e6 - 158.75) < 0.01
+    assert config["process"] == {
+        "type": "flow", "shift": 3.0, "convention": "rf", "num_train_timesteps": 1000,
+        "prediction": "velocity",
+    }  # fmt: skip
+    assert build_preset_vae(config) is None
 
 
 def test_unet_preset_materializes_and_reloads(tmp_path):
@@ -58,4 +76,4 @@ def test_seeding_leaves_global_rng_alone():
 def test_unknown_preset():
     with pytest.raises(ValueError, match=r"unknown preset 'dit-xxl'.*dit-xl-2-256"):
         build_preset("dit-xxl")
-    assert len(PRESET_NAMES) == 4
+    assert len(PRESET_NAMES) == 5
