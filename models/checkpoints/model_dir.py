@@ -18,12 +18,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from denoised.models.backbones.architecture import Architecture
 from denoised.models.backbones.dit import DiT, DiTConfig
 from denoised.models.backbones.unet import UNet, UNetConfig
 from denoised.models.backbones.vae import VAEConfig, VAEDecoder
@@ -39,7 +41,7 @@ DEFAULT_KEYS = ("sampler", "steps", "guidance_scale", "size")  # config.json's "
 MAX_GUIDANCE_SCALE = 100.0  # the API's bound on guidance_scale
 
 # family -> (backbone class, architecture config class). SiT is DiT with a flow process.
-BACKBONES: dict[str, tuple[type[nn.Module], type]] = {
+BACKBONES: dict[str, tuple[type[nn.Module], type[Architecture]]] = {
     "dit": (DiT, DiTConfig),
     "sit": (DiT, DiTConfig),
     "unet": (UNet, UNetConfig),
@@ -72,6 +74,11 @@ def build_backbone(family: str, architecture: dict) -> nn.Module:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(BACKBONES)}")
     module_cls, config_cls = BACKBONES[family]
     return module_cls(config_cls.from_dict(architecture))
+
+
+def _architecture(backbone: nn.Module) -> DiTConfig | UNetConfig:
+    """The config of a backbone of BACKBONES (nn.Module types its attributes as modules)."""
+    return cast("DiTConfig | UNetConfig", backbone.config)
 
 
 def backbone_family(backbone: nn.Module) -> str:
@@ -243,7 +250,8 @@ def check_defaults(defaults: object, guided_channels: int, size: str) -> None:
 
 def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
     """The derived facts of a model: shapes, labels and the channels guidance applies to."""
-    arch = backbone.config
+    arch = _architecture(backbone)
+    num_classes: int | None
     if isinstance(arch, DiTConfig):
         channels, side, num_classes = arch.in_channels, arch.input_size, arch.num_classes
         has_null = True
@@ -296,7 +304,7 @@ def save_model_dir(
     config.setdefault("family", backbone_family(backbone))
     if BACKBONES.get(config["family"], (None,))[0] is not type(backbone):
         raise ValueError(f"family {config['family']!r} does not match a {type(backbone).__name__}")
-    config["architecture"] = backbone.config.to_dict()
+    config["architecture"] = _architecture(backbone).to_dict()
     config["vae"] = None if vae is None else vae.config.to_dict()
     if "process" not in config:
         raise ValueError("config needs a 'process' entry (see models/sampling/process.py)")
