@@ -127,12 +127,17 @@ def adaln_launch(
     b, n, c = x.shape
     residual, norm = gate is not None, shift is not None
     x2 = _rows(x)
-    branch2 = _rows(branch) if residual else x2
-    gate = _vector(gate) if residual else x2
-    shift = _vector(shift) if norm else x2
-    scale = _vector(scale) if norm else x2
-    x_out = x_out if residual else x2
-    y = y if norm else x2
+    # Callers pass branch and x_out with gate, scale and y with shift (adaln_triton checks).
+    if gate is not None:
+        assert branch is not None and x_out is not None
+        branch2, gate = _rows(branch), _vector(gate)
+    else:
+        branch2 = gate = x_out = x2
+    if shift is not None:
+        assert scale is not None and y is not None
+        shift, scale = _vector(shift), _vector(scale)
+    else:
+        shift = scale = y = x2
     rows, block_c, warps = adaln_config(c)
     grid = (triton.cdiv(b * n, rows),)
     args = (
@@ -183,10 +188,10 @@ def adaln_triton(
             raise ValueError(f"{name} must be a contiguous {(b, n, c)} tensor")
     if b * n == 0:
         return x_out, y
-    grid, args, kwargs = adaln_launch(
-        x, gate, branch, shift, scale, eps,
-        x_out.view(-1, c) if residual else None, y.view(-1, c) if norm else None,
-    )  # fmt: skip
+    # Both are set above when residual / norm.
+    x_rows = x_out.view(-1, c) if residual and x_out is not None else None
+    y_rows = y.view(-1, c) if norm and y is not None else None
+    grid, args, kwargs = adaln_launch(x, gate, branch, shift, scale, eps, x_rows, y_rows)
     _adaln_fwd[grid](*args, **kwargs)
     return x_out, y
 
@@ -195,7 +200,9 @@ def adaln_triton(
 def _layer_norm_modulate_op(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    return adaln_triton(x, shift=shift, scale=scale, eps=eps)[1]
+    y = adaln_triton(x, shift=shift, scale=scale, eps=eps)[1]
+    assert y is not None  # made when shift and scale are given
+    return y
 
 
 @_layer_norm_modulate_op.register_fake
@@ -205,7 +212,9 @@ def _(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> 
 
 @torch.library.custom_op("denoised::gate_residual", mutates_args=())
 def _gate_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    return adaln_triton(x, gate=gate, branch=branch)[0]
+    x_out = adaln_triton(x, gate=gate, branch=branch)[0]
+    assert x_out is not None  # made when gate and branch are given
+    return x_out
 
 
 @_gate_residual_op.register_fake
@@ -222,7 +231,9 @@ def _gate_residual_layer_norm_modulate_op(
     scale: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return adaln_triton(x, gate, branch, shift, scale, eps)
+    x_out, y = adaln_triton(x, gate, branch, shift, scale, eps)
+    assert x_out is not None and y is not None  # both made when all four are given
+    return x_out, y
 
 
 @_gate_residual_layer_norm_modulate_op.register_fake

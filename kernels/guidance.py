@@ -31,6 +31,10 @@ from torch import Tensor
 from denoised.kernels._triton import check_triton_device, use_fused
 
 MAX_ORDER = 4  # widest b (current D plus three history terms) the kernel unrolls
+# BatchUpdate.values(): (uncond_index, w, p, q, a, b, history, c, noise).
+_UpdateValues = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor | None
+]
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class BatchUpdate:
     c: Tensor  # [B]
     noise: Tensor | None  # [B, C, H, W], zeros for rows with c = 0; None when all c = 0
 
-    def values(self) -> tuple[Tensor | None, ...]:
+    def values(self) -> _UpdateValues:
         """The fields in order (``dataclasses.astuple`` would deep-copy the tensors)."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
@@ -80,6 +84,7 @@ def guided_update_reference(
     d = col(p) * x + col(q) * guided
     x_next = col(a) * x + col(b[:, 0]) * d
     for k in range(1, b.shape[1]):
+        assert history is not None  # K > 1 without a history raised above
         x_next = x_next + col(b[:, k]) * history[k - 1].float()
     if noise is not None:
         x_next = x_next + col(c) * noise.float()
@@ -187,7 +192,9 @@ def guided_update_launch(
     else:
         history = x
     has_noise = noise is not None
-    noise = _sample_rows(noise.to(torch.float32), "noise", tuple(x.shape)) if has_noise else x
+    noise = (
+        _sample_rows(noise.to(torch.float32), "noise", tuple(x.shape)) if noise is not None else x
+    )
     for name, t in (("x_next", x_next), ("d", d)):
         if tuple(t.shape) != tuple(x.shape) or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous float32 {tuple(x.shape)} tensor")
@@ -216,8 +223,9 @@ def guided_update_triton(
     ``uncond`` (not checked: that would cost a device sync per step). ``out`` optionally
     supplies the (x_next, d) buffers, e.g. static ones for a CUDA graph."""
     if out is None:
-        out = tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in "xd")
-    x_next, d = out
+        x_next, d = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in "xd")
+    else:
+        x_next, d = out
     grid, args, kwargs = guided_update_launch(x, cond, uncond, update, guided_channels, x_next, d)
     check_triton_device(*(t for t in args if isinstance(t, Tensor)))
     if x.numel():

@@ -16,6 +16,7 @@ import torch
 from denoised.models.conditioning import UNCONDITIONAL, Conditioning
 from denoised.models.sampling.samplers import SamplerOptionError, SamplerState, create_sampler
 from denoised.server.engine.jobs import GenerationParams
+from denoised.server.imaging import OutputFormat
 from denoised.server.registry import ServedModel
 from denoised.server.settings import Settings
 
@@ -42,7 +43,7 @@ class GenerationRequest:
     guidance_scale: float | None = None
     seed: int | None = None
     sampler_options: Mapping[str, Any] | None = None
-    output_format: str = "png"
+    output_format: OutputFormat = "png"
     response_format: str = "b64_json"
     timeout: float | None = None
     stream: bool = False
@@ -122,7 +123,9 @@ def _conditioning(
     if not model.num_classes:
         return UNCONDITIONAL
     if label_id is None:
-        return Conditioning.null_class(n, model.loaded.null_label, device)
+        null_label = model.loaded.null_label
+        assert null_label is not None  # _label asks a model without one for a label
+        return Conditioning.null_class(n, null_label, device)
     labels = torch.full((n,), label_id, dtype=torch.int64, device=device)
     return Conditioning.classes(labels, model.loaded.null_label, scale)
 

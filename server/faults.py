@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -72,7 +73,7 @@ class Faults:
 def parse_faults(spec: str) -> Faults:
     """`"name=value,..."` → Faults; ValueError naming an unknown fault or a bad value."""
     kinds = {f.name: (float if f.name == "forward_delay" else int) for f in fields(Faults)}
-    values = {}
+    values: dict[str, Any] = {}  # name -> int, or float for forward_delay
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, raw = part.partition("=")
         name = name.strip()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+OutputFormat = Literal["png", "webp", "npy"]
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "npy": "application/x-npy"}
 
 
@@ -33,7 +35,7 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
+def encode_image(pixels: np.ndarray, fmt: OutputFormat) -> bytes:
     """One [H, W, C] image in [0, 1] as a `png`, `webp` (lossless) or `npy` (float32) file."""
     if fmt == "npy":
         return _npy(pixels)

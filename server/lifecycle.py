@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Literal
 
 import torch
 
@@ -23,6 +24,8 @@ from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")
 
+ServerStatus = Literal["loading", "ready", "draining", "failed"]
+
 
 class NotReady(RuntimeError):
     """No generation now: the models are loading or failed to, or the server is draining."""
@@ -34,7 +37,7 @@ class ServerState:
         self.metrics = Metrics()
         self.registry: ModelRegistry | None = None
         self.engine: Engine | None = None
-        self.status = "loading"  # loading | ready | draining | failed
+        self.status: ServerStatus = "loading"
         self.error: str | None = None
         self._loader = threading.Thread(target=self._load, name="denoised-loader", daemon=True)
 

@@ -94,7 +94,8 @@ class ServedModel:
     @property
     def sizes(self) -> dict[str, tuple[int, int, int]]:
         side = self.loaded.image_size
-        return {f"{side}x{side}": tuple(self.loaded.latent_shape)}
+        channels, height, width = self.loaded.latent_shape
+        return {f"{side}x{side}": (channels, height, width)}
 
     @property
     def can_guide(self) -> bool:
@@ -169,7 +170,7 @@ def confined_model_dir(path: Path | str, roots: Sequence[str] = ()) -> Path:
 
 
 def load_registry(
-    dirs: list[Path | str],
+    dirs: Sequence[Path | str],
     device: torch.device,
     dtype: torch.dtype,
     roots: Sequence[str] = (),

@@ -17,7 +17,9 @@ Every timestep and label is per sample, so one batch can mix requests at differe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +116,8 @@ class TimestepEmbedder(nn.Module):
         freqs = timestep_embedding(
             t, TIME_FREQ_DIM, flip_sin_to_cos=True, freq_shift=self.freq_shift
         )
-        return self.mlp(freqs.to(self.mlp[0].weight.dtype))
+        # nn.Sequential items are typed as plain modules.
+        return self.mlp(freqs.to(cast(nn.Linear, self.mlp[0]).weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -189,6 +192,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
+    pos_embed: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
@@ -242,14 +247,19 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         proj = self.x_embedder.proj
+        assert proj.bias is not None  # PatchEmbed's convolution has one
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        # nn.Sequential and nn.ModuleList items are typed as plain modules.
+        mlp = self.t_embedder.mlp
+        nn.init.normal_(cast(nn.Linear, mlp[0]).weight, std=0.02)
+        nn.init.normal_(cast(nn.Linear, mlp[2]).weight, std=0.02)
+        for block in cast("Iterable[DiTBlock]", self.blocks):
+            modulation = cast(nn.Linear, block.adaLN_modulation[-1])
+            nn.init.zeros_(modulation.weight)
+            nn.init.zeros_(modulation.bias)
+        final_modulation = cast(nn.Linear, self.final_layer.adaLN_modulation[-1])
+        for layer in (final_modulation, self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

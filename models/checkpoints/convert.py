@@ -21,6 +21,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,9 +104,10 @@ def dit_state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, t
     for i in blocks:
         for kind in ("weight", "bias"):
             parts = [state.get(f"transformer_blocks.{i}.attn1.to_{x}.{kind}") for x in "qkv"]
-            if any(p is None for p in parts):
+            qkv = [p for p in parts if p is not None]
+            if len(qkv) < len(parts):
                 raise ValueError(f"transformer_blocks.{i}.attn1 lacks one of to_q/to_k/to_v.{kind}")
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
     if not embedders:
         raise ValueError("the diffusers DiT state dict has no timestep/label embedder")
     first = embedders[str(blocks[0])]
@@ -416,7 +418,7 @@ def class_names_from_id2label(
         raise ValueError("id2label keys must be class ids (0, 1, ...)") from None
     if sorted(labels) != list(range(num_classes or 0)):
         raise ValueError(f"id2label must name exactly the classes 0..{num_classes}-1")
-    names = [labels[i] for i in range(num_classes)]
+    names = [labels[i] for i in sorted(labels)]  # ids 0..num_classes-1 (checked above)
     if distinct:
         seen: set[str] = set()
         for i, name in enumerate(names):
@@ -510,7 +512,7 @@ def convert_diffusers_pipeline(
     process = process_from_scheduler_config(
         read_json_object(src / "scheduler" / "scheduler_config.json")
     )
-    config = {"name": name, "process": process, "source": f"diffusers {pipeline}"}
+    config: dict[str, Any] = {"name": name, "process": process, "source": f"diffusers {pipeline}"}
 
     def names_for(num_classes: int | None) -> list[str] | None:
         if class_names is not None:
@@ -529,11 +531,11 @@ def convert_diffusers_pipeline(
         )
         return save_model_dir(dst, backbone, config, vae=read_diffusers_vae(src / "vae"))
     if pipeline == "DDPMPipeline":
-        arch = unet_config_from_diffusers(read_json_object(src / "unet" / "config.json"))
-        backbone = UNet(arch)
-        load_weights(backbone, _diffusers_weights(src / "unet"), f"unet in {src}")
-        config.update(family="unet", class_names=names_for(arch.num_classes))
-        return save_model_dir(dst, backbone, config, vae=None)
+        unet_arch = unet_config_from_diffusers(read_json_object(src / "unet" / "config.json"))
+        unet = UNet(unet_arch)
+        load_weights(unet, _diffusers_weights(src / "unet"), f"unet in {src}")
+        config.update(family="unet", class_names=names_for(unet_arch.num_classes))
+        return save_model_dir(dst, unet, config, vae=None)
     raise ValueError(
         f"unsupported diffusers pipeline {pipeline!r}; expected DiTPipeline or DDPMPipeline"
     )
@@ -575,8 +577,9 @@ def convert_original_checkpoint(
     )
 
 
-def read_class_names(path: Path) -> list[str]:
-    """Class names from a JSON list of names or an id -> name object (UsageError if bad)."""
+def read_class_names(path: Path) -> list[str] | None:
+    """Class names from a JSON list of names or an id -> name object (UsageError if bad;
+    None for an empty object)."""
     if not path.is_file():
         raise UsageError(f"class names file {path} does not exist")
     try:

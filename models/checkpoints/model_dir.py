@@ -18,12 +18,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from denoised.models.backbones.architecture import Architecture
 from denoised.models.backbones.dit import DiT, DiTConfig
 from denoised.models.backbones.mmdit import MMDiT, MMDiTConfig
 from denoised.models.backbones.unet import UNet, UNetConfig
@@ -41,7 +43,7 @@ MAX_GUIDANCE_SCALE = 100.0  # the API's bound on guidance_scale
 
 # family -> (backbone class, architecture config class). SiT is DiT with a flow process;
 # MMDiT is Stable Diffusion 3's text-conditioned transformer.
-BACKBONES: dict[str, tuple[type[nn.Module], type]] = {
+BACKBONES: dict[str, tuple[type[nn.Module], type[Architecture]]] = {
     "dit": (DiT, DiTConfig),
     "sit": (DiT, DiTConfig),
     "unet": (UNet, UNetConfig),
@@ -78,6 +80,11 @@ def build_backbone(family: str, architecture: dict) -> nn.Module:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(BACKBONES)}")
     module_cls, config_cls = BACKBONES[family]
     return module_cls(config_cls.from_dict(architecture))
+
+
+def _architecture(backbone: nn.Module) -> DiTConfig | UNetConfig:
+    """The config of a backbone of BACKBONES (nn.Module types its attributes as modules)."""
+    return cast("DiTConfig | UNetConfig", backbone.config)
 
 
 def backbone_family(backbone: nn.Module) -> str:
@@ -249,7 +256,8 @@ def check_defaults(defaults: object, guided_channels: int, size: str) -> None:
 
 def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
     """The derived facts of a model: shapes, labels and the channels guidance applies to."""
-    arch = backbone.config
+    arch = _architecture(backbone)
+    num_classes: int | None
     text_dims = None
     if isinstance(arch, DiTConfig):
         channels, side, num_classes = arch.in_channels, arch.input_size, arch.num_classes
@@ -313,7 +321,7 @@ def save_model_dir(
     config.setdefault("family", backbone_family(backbone))
     if BACKBONES.get(config["family"], (None,))[0] is not type(backbone):
         raise ValueError(f"family {config['family']!r} does not match a {type(backbone).__name__}")
-    config["architecture"] = backbone.config.to_dict()
+    config["architecture"] = _architecture(backbone).to_dict()
     config["vae"] = None if vae is None else vae.config.to_dict()
     if "process" not in config:
         raise ValueError("config needs a 'process' entry (see models/sampling/process.py)")

@@ -87,6 +87,7 @@ def make_grid(
             )
         times = _flow_times(process, steps, final, process.shift if shift is None else shift)
     else:
+        assert isinstance(process, VPProcess)  # the one other kind of process
         if spacing not in VP_SPACINGS:
             raise SamplerOptionError(
                 f"spacing must be one of {VP_SPACINGS}; got {spacing!r}", "spacing"

@@ -122,7 +122,7 @@ def _choices(spec: SamplerSpec, options: dict) -> Choices:
 
 def _ddim(grid: Grid, eta: float) -> list[Update]:
     al, si = grid.alpha, grid.sigma
-    updates = []
+    updates: list[Update] = []
     for i in range(grid.steps):
         # DDPM posterior std scaled by η: σ_n·sqrt(1 − e^{−2h}), with e^{−h} = α·σ_n / (α_n·σ).
         ratio = al[i] * si[i + 1] / (al[i + 1] * si[i])
@@ -154,7 +154,7 @@ def _multistep_orders(grid: Grid, order: int, lower_order_final: bool) -> list[i
 
 def _dpmpp(grid: Grid, orders: list[int], sde: bool) -> list[Update]:
     al, si, lam = grid.alpha, grid.sigma, grid.logsnr
-    updates = []
+    updates: list[Update] = []
     for i, k in enumerate(orders):
         if si[i + 1] == 0.0:
             updates.append((i, 0.0, (al[i + 1],), 0.0))
@@ -168,6 +168,7 @@ def _dpmpp(grid: Grid, orders: list[int], sde: bool) -> list[Update]:
             a = si[i + 1] / si[i]
             phi = al[i + 1] * -math.expm1(-h)
             c = 0.0
+        b: tuple[float, ...]
         if k == 1:
             b = (phi,)
         elif k == 2:  # D1 = (D − D₋₁)/r0, r0 = h₋₁/h (the "midpoint" form)
@@ -196,9 +197,10 @@ def _dpmpp3_weights(
     diff = tuple(u - v for u, v in zip(d10, d11, strict=True))
     d1 = tuple(u + r0 / (r0 + r1) * v for u, v in zip(d10, diff, strict=True))
     d2 = tuple(v / (r0 + r1) for v in diff)
-    return tuple(
+    w0, w1, w2 = (
         c0 * (j == 0) + c1 * u + c2 * v for j, (u, v) in enumerate(zip(d1, d2, strict=True))
     )
+    return w0, w1, w2
 
 
 def _ode_coordinates(process: Process, alpha: np.ndarray, sigma: np.ndarray):
@@ -586,9 +588,11 @@ def step_batch(
     model_t = torch.cat([t] + [t_per_state[i] for i in extra])
     model_y = None
     if has_inputs:
+        # None of these is None: every state has inputs (checked above), and the extra rows'
+        # states are guided (they have null inputs).
         rows = [cond.inputs for cond in conditionings]
         rows += [conditionings[i].null_inputs for i in extra]
-        model_y = stack_inputs(rows)
+        model_y = stack_inputs([y for y in rows if y is not None])
         if isinstance(model_y, Tensor):
             model_y = model_y.to(device)
     out = model_fn(model_x, model_t, model_y)

@@ -113,15 +113,16 @@ def card(name: str, recipe: dict, record: dict, results: dict) -> str:
 
 def write_sample_grid(model_dir: Path, defaults: dict, rows: int = 8, scale: int = 4) -> None:
     model = load_model_dir(model_dir)
-    n = rows * model.num_classes
+    classes = model.num_classes
+    assert classes is not None  # the zoo's models are class-conditional
+    n = rows * classes
     x, _, _ = generate(model, defaults["sampler"], defaults["steps"], defaults["guidance_scale"], n)
     pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]  # [n, 8, 8]
     side = pixels.shape[-1]
     # Sample i has label i % 10: row i // 10, column i % 10.
-    grid = pixels.view(rows, model.num_classes, side, side).permute(0, 2, 1, 3)
-    grid = grid.reshape(rows * side, model.num_classes * side).numpy()
-    image = Image.fromarray(grid, mode="L")
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(
+    grid = pixels.view(rows, classes, side, side).permute(0, 2, 1, 3)
+    image = Image.fromarray(grid.reshape(rows * side, classes * side).numpy(), mode="L")
+    image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(
         model_dir / "samples.png"
     )
 

@@ -70,6 +70,7 @@ def generate(
     model: LoadedModel, sampler: str, nfe: int, guidance: float, n: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`n` samples with labels `arange(n) % 10`: (images [n, C, H, W], labels, evaluations)."""
+    assert model.num_classes is not None  # the zoo's models are class-conditional
     labels = torch.arange(n) % model.num_classes
     generator = torch.Generator().manual_seed(seed)
     state = create_sampler(

@@ -112,7 +112,7 @@ def train(
     num_classes: int,
     log: Callable[[str], None] = print,
     log_every: int = 100,
-    on_log: Callable[[nn.Module, int], None] | None = None,
+    on_log: Callable[[nn.Module, int], object] | None = None,
 ) -> TrainResult:
     """Train `backbone` in place; returns its EMA copy. `on_log(ema, step)` runs at each log
     line (the recipe uses it to write snapshots that can be judged while training runs)."""

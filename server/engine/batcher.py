@@ -179,7 +179,10 @@ class RequestBatcher(_FairBatcher):
 
 def make_batcher(mode: str, max_samples: int) -> StepBatcher | RequestBatcher:
     """`mode` is "step" or "request" (the `--batching` setting)."""
-    batchers = {"step": StepBatcher, "request": RequestBatcher}
+    batchers: dict[str, type[StepBatcher | RequestBatcher]] = {
+        "step": StepBatcher,
+        "request": RequestBatcher,
+    }
     if mode not in batchers:
         raise ValueError(f"batching mode must be one of {sorted(batchers)}, got {mode!r}")
     return batchers[mode](max_samples)

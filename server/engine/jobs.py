@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from denoised.models.conditioning import Conditioning
+from denoised.server.imaging import OutputFormat
 
 _arrival = itertools.count()
 
@@ -38,7 +39,7 @@ class GenerationParams:
     guidance_scale: float
     sampler_options: dict[str, Any]
     seed: int
-    output_format: str
+    output_format: OutputFormat
     response_format: str
     timeout: float
     stream: bool

@@ -372,6 +372,7 @@ class Engine:
                 files = [encode_image(image, p.output_format) for image in pixels]
             now = time.monotonic()
             total = now - job.admitted_at
+            assert job.started_at is not None  # set when its first forward was chosen
             result = JobResult(pixels, files, job.started_at - job.admitted_at, total)
             self.metrics.images.labels(model=p.model).inc(p.n)
             self.metrics.request_duration.labels(model=p.model).observe(total)

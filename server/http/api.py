@@ -13,6 +13,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -47,6 +48,7 @@ from denoised.server.http.schemas import (
     ModelList,
     ProgressEvent,
     Readiness,
+    ReadinessStatus,
     SamplingFields,
     Timings,
 )
@@ -210,7 +212,9 @@ def _sse(event: str, data: dict) -> bytes:
 
 async def _previews(engine: Engine, job: Job) -> AsyncIterator[tuple[Progress, str | None]]:
     """The job's progress, with its preview (if any) as a base64 PNG rendered off the loop."""
-    while (progress := await job.events.get()) is not None:
+    events = job.events
+    assert events is not None  # a streamed job (params.stream) has its event queue
+    while (progress := await events.get()) is not None:
         preview = None
         if progress.preview is not None:
             png = await run_in_threadpool(engine.render_preview, job.params.model, progress.preview)
@@ -249,10 +253,10 @@ async def _openai_stream(engine: Engine, job: Job) -> AsyncIterator[bytes]:
         yield _sse(PARTIAL_IMAGE, event.model_dump())
     result, info, created = job.result.result(), _info(job), int(time.time())
     for image in _images(result):
-        event = CompletedEvent(
+        completed = CompletedEvent(
             **info, b64_json=image.b64_json, index=image.index, created_at=created
         )
-        yield _sse(COMPLETED, event.model_dump())
+        yield _sse(COMPLETED, completed.model_dump())
 
 
 async def _event_stream(
@@ -475,8 +479,8 @@ def create_app(settings: Settings) -> FastAPI:
         `detail.unavailable` maps each model that failed to load to the reason."""
         server = _state(request)
         models = list(server.registry.models) if server.registry else []
-        detail = {"error": server.error} if server.error else {}
-        status = server.status
+        detail: dict[str, Any] = {"error": server.error} if server.error else {}
+        status: ReadinessStatus = server.status
         if server.unavailable:  # served, but not all models
             detail["unavailable"] = server.unavailable
             if status == "ready" and not server.ready:

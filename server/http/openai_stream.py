@@ -12,14 +12,14 @@ images, the resolved generation parameters (`seed`, `sampler`, `nfe`, ...) and t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, Field
 
 from denoised.server.http.schemas import GenerationInfo
 
-PARTIAL_IMAGE = "image_generation.partial_image"
-COMPLETED = "image_generation.completed"
+PARTIAL_IMAGE: Final = "image_generation.partial_image"
+COMPLETED: Final = "image_generation.completed"
 
 
 class _ImageEventFields(BaseModel):

@@ -12,16 +12,19 @@ naming the field and the allowed values, in the same error shape as schema viola
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from denoised.models.checkpoints.model_dir import MAX_GUIDANCE_SCALE
 from denoised.models.sampling.samplers import SAMPLER_NAMES
+from denoised.server.imaging import OutputFormat
 
-SamplerName = Literal[SAMPLER_NAMES]  # an enumeration in the OpenAPI schema
-OutputFormat = Literal["png", "webp", "npy"]
+if TYPE_CHECKING:  # the sampler names are known only at run time
+    SamplerName = str
+else:
+    SamplerName = Literal[SAMPLER_NAMES]  # an enumeration in the OpenAPI schema
 ResponseFormat = Literal["b64_json", "bytes"]
 SamplerOptionValue = bool | int | float | str
 
@@ -121,6 +124,7 @@ class SamplingFields(BaseModel):
     @field_validator("output_format", "response_format", mode="before")
     @classmethod
     def _known_but_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None  # set for a field validator
         reason = _UNSUPPORTED_VALUES[info.field_name].get(value) if isinstance(value, str) else None
         if reason:
             raise _unsupported(value, reason)
@@ -178,6 +182,7 @@ class ImagesRequest(SamplingFields):
     @field_validator(*_OPENAI_DEFAULTS_ONLY, mode="before")
     @classmethod
     def _openai_defaults_only(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None  # set for a field validator
         accepted, reason = _OPENAI_DEFAULTS_ONLY[info.field_name]
         if value is None or (value in accepted and type(value) is type(accepted[0])):
             return value
@@ -330,8 +335,11 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+ReadinessStatus = Literal["loading", "ready", "degraded", "draining", "failed"]
+
+
 class Readiness(BaseModel):
     ready: bool
-    status: Literal["loading", "ready", "degraded", "draining", "failed"]
+    status: ReadinessStatus
     models: list[str]
     detail: dict[str, Any] = Field(default_factory=dict)
