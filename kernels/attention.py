@@ -1,8 +1,10 @@
 """The one attention entry point used by every attention layer (DiT, UNet, VAE).
 
-`attention(q, k, v)` takes `[batch, heads, tokens, head_dim]` tensors and returns the
-non-causal softmax attention with scale `1/sqrt(head_dim)`. The backend is chosen per call
-by the `attention` backend (`kernels.backends`):
+`attention(q, k, v, mask=None)` takes `[batch, heads, tokens, head_dim]` tensors and returns
+the non-causal softmax attention with scale `1/sqrt(head_dim)`; an optional `[batch, key
+tokens]` bool mask leaves out padded keys (text prompts of different lengths in one batch)
+and always takes SDPA. Without a mask the backend is chosen per call by the `attention`
+backend (`kernels.backends`):
 
 - `auto` (default): the Triton flash-attention kernel for CUDA tensors it supports,
   PyTorch's `scaled_dot_product_attention` (SDPA) everywhere else;
@@ -307,7 +309,25 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return new_output(q)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _key_padding_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A `[B, L_k]` bool key mask as SDPA's `[B, 1, 1, L_k]` attn_mask (ValueError if its shape
+    or dtype is wrong)."""
+    if mask.dtype != torch.bool or mask.shape != (q.shape[0], k.shape[2]):
+        raise ValueError(
+            f"attention: mask must be a [batch, key tokens] = {[q.shape[0], k.shape[2]]} bool "
+            f"tensor, got {list(mask.shape)} {mask.dtype}"
+        )
+    return mask[:, None, None, :]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`mask`: `[B, L_k]` bool, True for the keys each row attends to (None: all). A masked
+    call takes SDPA on every backend (the Triton kernel has no mask); every row needs one
+    key left, or its output is NaN."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_key_padding_mask(mask, q, k))
     backend = backends().attention
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)

@@ -130,3 +130,33 @@ def test_default_output_is_token_major() -> None:
     out = flash_attention_triton(q, k, v)
     assert out.transpose(1, 2).is_contiguous()
     assert_close(out, _reference(q, k, v), torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "sdpa"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_key_padding_mask(backend: str, dtype: torch.dtype) -> None:
+    # Each row attends to its own keys only: the same as attention over those keys alone.
+    batch, heads, n_q, n_kv, d = 3, 2, 17, 12, 32
+    q, k, v = (
+        _randn(batch, heads, n, d, dtype=dtype, seed=71 + s)
+        for s, n in enumerate((n_q, n_kv, n_kv))
+    )
+    mask = torch.zeros(batch, n_kv, dtype=torch.bool, device=DEVICE)
+    mask[0] = True  # nothing padded
+    mask[1, :5] = True  # a shorter prompt padded at the end
+    mask[2, [0, 3, 11]] = True  # any pattern
+    with using_backends(attention=backend):
+        out = attention(q, k, v, mask)
+    for i in range(batch):
+        keys = mask[i]
+        expected = _reference(q[i : i + 1], k[i : i + 1, :, keys], v[i : i + 1, :, keys])
+        assert_close(out[i : i + 1], expected, dtype)
+
+
+def test_bad_mask_names_the_problem() -> None:
+    q = _randn(2, 2, 17, 32, dtype=torch.float32, seed=81)
+    k = _randn(2, 2, 9, 32, dtype=torch.float32, seed=82)
+    with pytest.raises(ValueError, match=r"mask must be a \[batch, key tokens\] = \[2, 9\] bool"):
+        attention(q, k, k, torch.ones(2, 17, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"torch\.int64"):
+        attention(q, k, k, torch.ones(2, 9, dtype=torch.int64))
