@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from denoised.models.backbones.architecture import Architecture
-from denoised.models.backbones.conv_blocks import MidBlock, ResnetBlock, Upsample
+from denoised.models.backbones.conv_blocks import (
+    MidBlock,
+    ResnetBlock,
+    SpatialSelfAttention,
+    Upsample,
+)
 
 # Latent scale of the Stable Diffusion VAE (Rombach et al., 2022): latents are divided by it
 # before decoding.
@@ -68,8 +73,9 @@ class Decoder(nn.Module):
             None,
             groups,
             1e-6,
-            head_dim=channels[0],
-            add_attention=c.mid_block_add_attention,
+            SpatialSelfAttention(channels[0], channels[0], groups, 1e-6)
+            if c.mid_block_add_attention
+            else None,
         )
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock(
