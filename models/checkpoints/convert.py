@@ -335,6 +335,9 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
             raise ValueError(f"unsupported VAE up block {kind!r}")
     if cfg.get("act_fn", "silu") != "silu" or cfg.get("norm_type", "group") != "group":
         raise ValueError("only the SiLU/GroupNorm AutoencoderKL decoder is supported")
+    for key in ("latents_mean", "latents_std"):
+        if cfg.get(key) is not None:
+            raise ValueError(f"AutoencoderKL {key} is not supported (only scaling and shift)")
     return VAEConfig(
         latent_channels=cfg.get("latent_channels", 4),
         out_channels=cfg.get("out_channels", 3),
@@ -343,6 +346,9 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
         norm_num_groups=cfg.get("norm_num_groups", 32),
         mid_block_add_attention=cfg.get("mid_block_add_attention", True),
         scaling_factor=cfg.get("scaling_factor") or 0.18215,
+        shift_factor=cfg.get("shift_factor") or 0.0,
+        # The encoder's quant_conv (use_quant_conv) is not part of the decoder.
+        use_post_quant_conv=cfg.get("use_post_quant_conv", True),
     )
 
 
