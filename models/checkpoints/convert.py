@@ -27,6 +27,7 @@ import torch
 from denoised.models.backbones.dit import DIT_SIZES, DiT, DiTConfig
 from denoised.models.backbones.embeddings import sincos_2d
 from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.backbones.unet_text import UNetText, UNetTextConfig
 from denoised.models.backbones.vae import VAEConfig, VAEDecoder, vae_decoder_state_dict
 from denoised.models.checkpoints.model_dir import (
     load_weights,
@@ -495,6 +496,16 @@ def read_diffusers_vae(folder: Path) -> VAEDecoder:
     vae = VAEDecoder(vae_config_from_diffusers(read_json_object(folder / "config.json")))
     load_weights(vae, vae_decoder_state_dict(_diffusers_weights(folder)), f"VAE in {folder}")
     return vae
+
+
+def read_diffusers_unet_text(folder: Path) -> UNetText:
+    """A diffusers `UNet2DConditionModel` folder (a Stable Diffusion pipeline's `unet/`:
+    config.json + weights), its tensors in the file's dtype."""
+    config = UNetTextConfig.from_dict(read_json_object(folder / "config.json"))
+    with torch.device("meta"):  # the file's tensors become the parameters
+        unet = UNetText(config)
+    load_weights(unet, _diffusers_weights(folder), f"unet in {folder}")
+    return unet
 
 
 def convert_diffusers_pipeline(

@@ -26,6 +26,7 @@ from torch import nn
 
 from denoised.models.backbones.dit import DiT, DiTConfig
 from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.backbones.unet_text import UNetText, UNetTextConfig
 from denoised.models.backbones.vae import VAEConfig, VAEDecoder
 from denoised.models.sampling.process import Process, process_from_config
 from denoised.models.sampling.samplers import SAMPLER_NAMES
@@ -43,6 +44,7 @@ BACKBONES: dict[str, tuple[type[nn.Module], type]] = {
     "dit": (DiT, DiTConfig),
     "sit": (DiT, DiTConfig),
     "unet": (UNet, UNetConfig),
+    "unet-text": (UNetText, UNetTextConfig),
 }
 
 
@@ -60,6 +62,7 @@ class LoadedModel:
     out_channels_used: int  # leading backbone output channels that form the prediction
     guided_channels: int  # leading channels guidance applies to (0: no guidance)
     has_null_label: bool  # the class table has the null row (id `num_classes`) for no class
+    conditioning: str = "class"  # "class": y is class ids or None; "text": y is a TextContext
 
     @property
     def null_label(self) -> int | None:
@@ -244,9 +247,13 @@ def check_defaults(defaults: object, guided_channels: int, size: str) -> None:
 def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
     """The derived facts of a model: shapes, labels and the channels guidance applies to."""
     arch = backbone.config
+    text = isinstance(arch, UNetTextConfig)
     if isinstance(arch, DiTConfig):
         channels, side, num_classes = arch.in_channels, arch.input_size, arch.num_classes
         has_null = True
+    elif text:
+        # Guidance's unconditional rows take the empty prompt's text, not a null class.
+        channels, side, num_classes, has_null = arch.in_channels, arch.sample_size, None, False
     else:
         channels, side, num_classes = arch.in_channels, arch.sample_size, arch.num_classes
         has_null = num_classes is not None and arch.null_label
@@ -255,11 +262,12 @@ def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
         raise ValueError(
             f"config lists {len(class_names)} class names but the model has {num_classes} classes"
         )
-    guided = config.get("guided_channels", channels if has_null else 0)
-    if not 0 <= guided <= channels or (guided and not has_null):
+    guidable = has_null or text
+    guided = config.get("guided_channels", channels if guidable else 0)
+    if not 0 <= guided <= channels or (guided and not guidable):
         raise ValueError(
             f"guided_channels={guided} is invalid: the model has {channels} channels"
-            + ("" if has_null else " and no null label, so it cannot be guided")
+            + ("" if guidable else " and no null label, so it cannot be guided")
         )
     if vae is not None and vae.config.latent_channels != channels:
         raise ValueError(
@@ -276,6 +284,7 @@ def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
         "out_channels_used": channels,
         "guided_channels": guided,
         "has_null_label": bool(has_null),
+        "conditioning": "text" if text else "class",
     }
 
 
