@@ -1,10 +1,14 @@
-"""Convolutional building blocks shared by the UNet and the VAE decoder (diffusers layout).
+"""Convolutional building blocks shared by the UNets and the VAE decoder (diffusers layout).
 
 Parameter names match diffusers' `ResnetBlock2D`, `Attention` (group-norm, residual form),
-`Downsample2D` and `Upsample2D`, so their checkpoints load without renaming.
+`Downsample2D`, `Upsample2D` and the UNet down/mid/up blocks, so their checkpoints load
+without renaming. The blocks take the attention layer they hold as a factory, so the class-
+and text-conditioned UNets share them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,18 +102,112 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour upsampling (2x, or to `size`) followed by a 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+# Builds one attention layer of a block (its width is the block's); None: a block without.
+AttentionFactory = Callable[[], nn.Module] | None
+
+
+class DownBlock(nn.Module):
+    """Resnets, each followed by an attention layer when `attention` builds them, then a
+    stride-2 conv unless `downsample_padding` is None (diffusers' `DownBlock2D`,
+    `AttnDownBlock2D`, `CrossAttnDownBlock2D`). Returns the output and the skips it leaves."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        temb: int,
+        layers: int,
+        groups: int,
+        eps: float,
+        downsample_padding: int | None,
+        attention: AttentionFactory = None,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb, groups, eps)
+            for i in range(layers)
+        )
+        self.attentions = nn.ModuleList(attention() for _ in range(layers if attention else 0))
+        self.downsamplers = nn.ModuleList(
+            [] if downsample_padding is None else [Downsample(out_ch, downsample_padding)]
+        )
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, *context
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`context`: the attention layers' further inputs (the text, for cross-attention)."""
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, *context)
+            skips.append(x)
+        for down in self.downsamplers:
+            x = down(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """Resnets over the input concatenated with the matching skip, each followed by an
+    attention layer when `attention` builds them, then nearest-neighbour up to the next
+    skip's size (diffusers' `UpBlock2D`, `AttnUpBlock2D`, `CrossAttnUpBlock2D`)."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        prev_ch: int,
+        out_ch: int,
+        temb: int,
+        layers: int,
+        groups: int,
+        eps: float,
+        upsample: bool,
+        attention: AttentionFactory = None,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(
+                (prev_ch if i == 0 else out_ch) + (in_ch if i == layers - 1 else out_ch),
+                out_ch,
+                temb,
+                groups,
+                eps,
+            )
+            for i in range(layers)
+        )
+        self.attentions = nn.ModuleList(attention() for _ in range(layers if attention else 0))
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)] if upsample else [])
+
+    def forward(
+        self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, *context
+    ) -> torch.Tensor:
+        """Pops this block's skips off `skips`; `context` as in `DownBlock.forward`."""
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions:
+                x = self.attentions[i](x, *context)
+        for up in self.upsamplers:
+            # The next skip's size, not 2x: an odd side halved on the way down comes back.
+            x = up(x, skips[-1].shape[-2:])
+        return x
 
 
 class MidBlock(nn.Module):
-    """Resnet, self-attention, resnet at the lowest resolution (diffusers' `UNetMidBlock2D`)."""
+    """Resnet, attention, resnet at the lowest resolution (diffusers' `UNetMidBlock2D`, and
+    `UNetMidBlock2DCrossAttn` with a cross-attention layer); `attention` None: no attention."""
 
     def __init__(
         self,
@@ -117,8 +215,7 @@ class MidBlock(nn.Module):
         temb_channels: int | None,
         groups: int,
         eps: float,
-        head_dim: int,
-        add_attention: bool = True,
+        attention: nn.Module | None,
         output_scale_factor: float = 1.0,
     ):
         super().__init__()
@@ -126,14 +223,10 @@ class MidBlock(nn.Module):
             ResnetBlock(channels, channels, temb_channels, groups, eps, output_scale_factor)
             for _ in range(2)
         )
-        self.attentions = nn.ModuleList(
-            [SpatialSelfAttention(channels, head_dim, groups, eps, output_scale_factor)]
-            if add_attention
-            else []
-        )
+        self.attentions = nn.ModuleList([] if attention is None else [attention])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, *context) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         for attn in self.attentions:
-            x = attn(x)
+            x = attn(x, *context)
         return self.resnets[1](x, temb)

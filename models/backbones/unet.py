@@ -11,6 +11,7 @@ trained with label dropout has one extra row, id `num_classes`, the null label f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,16 +20,30 @@ from torch import nn
 
 from denoised.models.backbones.architecture import Architecture
 from denoised.models.backbones.conv_blocks import (
-    Downsample,
+    AttentionFactory,
+    DownBlock,
     MidBlock,
-    ResnetBlock,
     SpatialSelfAttention,
-    Upsample,
+    UpBlock,
 )
 from denoised.models.backbones.embeddings import TimestepMLP, timestep_embedding
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
+ATTENTION_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
+
+
+def check_blocks(c, down_blocks: tuple[str, ...], up_blocks: tuple[str, ...]) -> None:
+    """ValueError unless config `c` has one down and one up block per level, of these kinds."""
+    n = len(c.block_out_channels)
+    if len(c.down_block_types) != n or len(c.up_block_types) != n:
+        raise ValueError("block_out_channels, down_block_types and up_block_types differ in length")
+    for kind in c.down_block_types:
+        if kind not in down_blocks:
+            raise ValueError(f"unsupported down block {kind!r}; supported: {down_blocks}")
+    for kind in c.up_block_types:
+        if kind not in up_blocks:
+            raise ValueError(f"unsupported up block {kind!r}; supported: {up_blocks}")
 
 
 @dataclass(frozen=True)
@@ -61,142 +76,102 @@ class UNetConfig(Architecture):
     null_label: bool = True  # the class table has the guidance row (id num_classes)
 
     def __post_init__(self):
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                "block_out_channels, down_block_types and up_block_types differ in length"
-            )
-        for kind in self.down_block_types:
-            if kind not in DOWN_BLOCKS:
-                raise ValueError(f"unsupported down block {kind!r}; supported: {DOWN_BLOCKS}")
-        for kind in self.up_block_types:
-            if kind not in UP_BLOCKS:
-                raise ValueError(f"unsupported up block {kind!r}; supported: {UP_BLOCKS}")
+        check_blocks(self, DOWN_BLOCKS, UP_BLOCKS)
 
     @property
     def class_rows(self) -> int:
         return 0 if self.num_classes is None else self.num_classes + int(self.null_label)
 
 
-class DownBlock(nn.Module):
-    """Resnets (each followed by self-attention when `attention`), then a stride-2 conv."""
-
-    def __init__(
-        self, c: UNetConfig, in_ch: int, out_ch: int, temb: int, attention: bool, down: bool
-    ):
-        super().__init__()
-        g, eps = c.norm_num_groups, c.norm_eps
-        head_dim = c.attention_head_dim or out_ch
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb, g, eps)
-            for i in range(c.layers_per_block)
-        )
-        self.attentions = nn.ModuleList(
-            SpatialSelfAttention(out_ch, head_dim, g, eps)
-            for _ in range(c.layers_per_block if attention else 0)
-        )
-        self.downsamplers = nn.ModuleList(
-            [Downsample(out_ch, c.downsample_padding)] if down else []
-        )
-
-    def forward(
-        self, x: torch.Tensor, temb: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions:
-                x = self.attentions[i](x)
-            skips.append(x)
-        for down in self.downsamplers:
-            x = down(x)
-            skips.append(x)
-        return x, skips
-
-
-class UpBlock(nn.Module):
-    """Resnets over the input concatenated with the matching skip, optional attention, 2x up."""
+class UNetLevels(nn.Module):
+    """The layout both UNets share (diffusers' `UNet2DModel` and `UNet2DConditionModel`): the
+    time-embedding MLP, conv_in, a down block per resolution level (a stride-2 conv on all but
+    the last), the mid block, an up block per level (one resnet more, over the skips), then
+    GroupNorm-SiLU-conv. `c` is a config with `UNetConfig`'s layout fields; `attention(level,
+    kind)` gives the attention factory of the block of that kind at that level."""
 
     def __init__(
         self,
-        c: UNetConfig,
-        in_ch: int,
-        prev_ch: int,
-        out_ch: int,
-        temb: int,
-        attention: bool,
-        up: bool,
+        c,
+        attention: Callable[[int, str], AttentionFactory],
+        mid_attention: nn.Module | None,
     ):
         super().__init__()
-        g, eps = c.norm_num_groups, c.norm_eps
-        n = c.layers_per_block + 1
-        head_dim = c.attention_head_dim or out_ch
-        self.resnets = nn.ModuleList(
-            ResnetBlock(
-                (prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch),
-                out_ch,
-                temb,
-                g,
-                eps,
-            )
-            for i in range(n)
-        )
-        self.attentions = nn.ModuleList(
-            SpatialSelfAttention(out_ch, head_dim, g, eps) for _ in range(n if attention else 0)
-        )
-        self.upsamplers = nn.ModuleList([Upsample(out_ch)] if up else [])
-
-    def forward(
-        self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor
-    ) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
-            if self.attentions:
-                x = self.attentions[i](x)
-        for up in self.upsamplers:
-            x = up(x)
-        return x
-
-
-class UNet(nn.Module):
-    def __init__(self, config: UNetConfig):
-        super().__init__()
-        self.config = config
-        c = config
+        self.config = c
         ch = c.block_out_channels
+        g, eps, layers, last = c.norm_num_groups, c.norm_eps, c.layers_per_block, len(ch) - 1
         temb = c.time_embedding_dim or 4 * ch[0]
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepMLP(ch[0], temb)
-        self.class_embedding = nn.Embedding(c.class_rows, temb) if c.class_rows else None
-        last = len(ch) - 1
         self.down_blocks = nn.ModuleList(
-            DownBlock(c, ch[max(i - 1, 0)], ch[i], temb, kind == "AttnDownBlock2D", i < last)
-            for i, kind in enumerate(c.down_block_types)
+            DownBlock(
+                ch[max(level - 1, 0)],
+                ch[level],
+                temb,
+                layers,
+                g,
+                eps,
+                c.downsample_padding if level < last else None,
+                attention(level, kind),
+            )
+            for level, kind in enumerate(c.down_block_types)
         )
         self.mid_block = MidBlock(
-            ch[-1],
-            temb,
-            c.norm_num_groups,
-            c.norm_eps,
-            head_dim=c.attention_head_dim or ch[-1],
-            add_attention=c.add_attention,
-            output_scale_factor=c.mid_block_scale_factor,
+            ch[-1], temb, g, eps, mid_attention, output_scale_factor=c.mid_block_scale_factor
         )
-        rev = list(reversed(ch))
         self.up_blocks = nn.ModuleList(
             UpBlock(
-                c,
-                rev[min(i + 1, last)],
-                rev[max(i - 1, 0)],
-                rev[i],
+                ch[max(level - 1, 0)],
+                ch[min(level + 1, last)],
+                ch[level],
                 temb,
-                kind == "AttnUpBlock2D",
-                i < last,
+                layers + 1,
+                g,
+                eps,
+                level > 0,
+                attention(level, kind),
             )
-            for i, kind in enumerate(c.up_block_types)
+            for level, kind in zip(range(last, -1, -1), c.up_block_types, strict=True)
         )
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
+        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        freqs = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        return self.time_embedding(freqs.to(self.conv_in.weight.dtype))
+
+    def levels(self, x: torch.Tensor, emb: torch.Tensor, *context) -> torch.Tensor:
+        """Input to output given the embedding `emb`; `context` goes to the attention layers."""
+        if self.config.center_input_sample:
+            x = 2 * x - 1.0
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, *context)
+            skips.extend(block_skips)
+        h = self.mid_block(h, emb, *context)
+        for block in self.up_blocks:
+            h = block(h, skips, emb, *context)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class UNet(UNetLevels):
+    def __init__(self, config: UNetConfig):
+        c = config
+        g, eps = c.norm_num_groups, c.norm_eps
+
+        def self_attention(width: int) -> nn.Module:
+            return SpatialSelfAttention(width, c.attention_head_dim or width, g, eps)
+
+        def attention(level: int, kind: str) -> AttentionFactory:
+            width = c.block_out_channels[level]
+            return (lambda: self_attention(width)) if kind in ATTENTION_BLOCKS else None
+
+        last = c.block_out_channels[-1]
+        super().__init__(c, attention, self_attention(last) if c.add_attention else None)
+        temb = self.time_embedding.linear_2.out_features
+        self.class_embedding = nn.Embedding(c.class_rows, temb) if c.class_rows else None
 
     @property
     def null_label(self) -> int | None:
@@ -208,11 +183,7 @@ class UNet(nn.Module):
     ) -> torch.Tensor:
         """`x: [B, C, H, W]`, `t: [B]` (discrete-time models take values in [0, T)), `y: [B]`
         int64 labels for a class-conditional model (None: the null label)."""
-        c = self.config
-        if c.center_input_sample:
-            x = 2 * x - 1.0
-        freqs = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        emb = self.time_embedding(freqs.to(self.conv_in.weight.dtype))
+        emb = self.embed_time(t)
         if self.class_embedding is not None:
             if y is None:
                 if self.null_label is None:
@@ -221,12 +192,4 @@ class UNet(nn.Module):
                     )
                 y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
             emb = emb + self.class_embedding(y)
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, emb)
-            skips.extend(block_skips)
-        h = self.mid_block(h, emb)
-        for block in self.up_blocks:
-            h = block(h, skips, emb)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.levels(x, emb)

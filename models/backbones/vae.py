@@ -1,7 +1,10 @@
 """The decoder half of the KL autoencoder that latent diffusion models sample in.
 
 Layout and parameter names follow diffusers' `AutoencoderKL` (`post_quant_conv` and
-`decoder.*`), the layout of the sd-vae-ft-ema / sd-vae-ft-mse releases that DiT uses. Files
+`decoder.*`), the layout of the sd-vae-ft-ema / sd-vae-ft-mse releases that DiT and Stable
+Diffusion 1.x/2.x use (4 latent channels, scaling 0.18215; Rombach et al., 2022), and of
+Stable Diffusion 3's (16 latent channels, no `post_quant_conv`, and a `shift_factor`: latents
+decode as `z / scaling_factor + shift_factor`; Esser et al., 2024). Files
 written by older diffusers versions name the mid-block attention `query/key/value/proj_attn`;
 `legacy_vae_key` maps them onto the current names.
 """
@@ -15,7 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from denoised.models.backbones.architecture import Architecture
-from denoised.models.backbones.conv_blocks import MidBlock, ResnetBlock, Upsample
+from denoised.models.backbones.conv_blocks import (
+    MidBlock,
+    ResnetBlock,
+    SpatialSelfAttention,
+    Upsample,
+)
 
 # Latent scale of the Stable Diffusion VAE (Rombach et al., 2022): latents are divided by it
 # before decoding.
@@ -31,6 +39,8 @@ class VAEConfig(Architecture):
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
     scaling_factor: float = SD_VAE_SCALING_FACTOR
+    shift_factor: float = 0.0
+    use_post_quant_conv: bool = True
 
     @property
     def downscale(self) -> int:
@@ -68,8 +78,9 @@ class Decoder(nn.Module):
             None,
             groups,
             1e-6,
-            head_dim=channels[0],
-            add_attention=c.mid_block_add_attention,
+            SpatialSelfAttention(channels[0], channels[0], groups, 1e-6)
+            if c.mid_block_add_attention
+            else None,
         )
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock(
@@ -95,7 +106,8 @@ class VAEDecoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        c = config.latent_channels
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
         self.decoder = Decoder(config)
 
     @property
@@ -104,13 +116,15 @@ class VAEDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents `[B, C, h, w]` -> raw images `[B, 3, h*f, w*f]` (not clamped)."""
-        return self.decoder(self.post_quant_conv(z))
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the diffusion model samples them -> images clamped to [-1, 1]."""
-        weight = self.post_quant_conv.weight
+        weight = self.decoder.conv_in.weight
         z = latents.to(device=weight.device, dtype=weight.dtype) / self.scaling_factor
-        return self(z).clamp(-1, 1)
+        return self(z + self.config.shift_factor).clamp(-1, 1)
 
 
 # Older diffusers names of the mid-block attention projections.

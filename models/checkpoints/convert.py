@@ -28,6 +28,7 @@ import torch
 from denoised.models.backbones.dit import DIT_SIZES, DiT, DiTConfig
 from denoised.models.backbones.embeddings import sincos_2d
 from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.backbones.unet_text import UNetText, UNetTextConfig
 from denoised.models.backbones.vae import VAEConfig, VAEDecoder, vae_decoder_state_dict
 from denoised.models.checkpoints.model_dir import (
     load_weights,
@@ -337,6 +338,9 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
             raise ValueError(f"unsupported VAE up block {kind!r}")
     if cfg.get("act_fn", "silu") != "silu" or cfg.get("norm_type", "group") != "group":
         raise ValueError("only the SiLU/GroupNorm AutoencoderKL decoder is supported")
+    for key in ("latents_mean", "latents_std"):
+        if cfg.get(key) is not None:
+            raise ValueError(f"AutoencoderKL {key} is not supported (only scaling and shift)")
     return VAEConfig(
         latent_channels=cfg.get("latent_channels", 4),
         out_channels=cfg.get("out_channels", 3),
@@ -345,6 +349,9 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
         norm_num_groups=cfg.get("norm_num_groups", 32),
         mid_block_add_attention=cfg.get("mid_block_add_attention", True),
         scaling_factor=cfg.get("scaling_factor") or 0.18215,
+        shift_factor=cfg.get("shift_factor") or 0.0,
+        # The encoder's quant_conv (use_quant_conv) is not part of the decoder.
+        use_post_quant_conv=cfg.get("use_post_quant_conv", True),
     )
 
 
@@ -491,6 +498,16 @@ def read_diffusers_vae(folder: Path) -> VAEDecoder:
     vae = VAEDecoder(vae_config_from_diffusers(read_json_object(folder / "config.json")))
     load_weights(vae, vae_decoder_state_dict(_diffusers_weights(folder)), f"VAE in {folder}")
     return vae
+
+
+def read_diffusers_unet_text(folder: Path) -> UNetText:
+    """A diffusers `UNet2DConditionModel` folder (a Stable Diffusion pipeline's `unet/`:
+    config.json + weights), its tensors in the file's dtype."""
+    config = UNetTextConfig.from_dict(read_json_object(folder / "config.json"))
+    with torch.device("meta"):  # the file's tensors become the parameters
+        unet = UNetText(config)
+    load_weights(unet, _diffusers_weights(folder), f"unet in {folder}")
+    return unet
 
 
 def convert_diffusers_pipeline(

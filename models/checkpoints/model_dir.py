@@ -29,6 +29,7 @@ from denoised.models.backbones.architecture import Architecture
 from denoised.models.backbones.dit import DiT, DiTConfig
 from denoised.models.backbones.mmdit import MMDiT, MMDiTConfig
 from denoised.models.backbones.unet import UNet, UNetConfig
+from denoised.models.backbones.unet_text import UNetText, UNetTextConfig
 from denoised.models.backbones.vae import VAEConfig, VAEDecoder
 from denoised.models.sampling.process import Process, process_from_config
 from denoised.models.sampling.samplers import SAMPLER_NAMES
@@ -48,6 +49,7 @@ BACKBONES: dict[str, tuple[type[nn.Module], type[Architecture]]] = {
     "sit": (DiT, DiTConfig),
     "unet": (UNet, UNetConfig),
     "mmdit": (MMDiT, MMDiTConfig),
+    "unet-text": (UNetText, UNetTextConfig),
 }
 
 
@@ -269,6 +271,9 @@ def describe(config: dict, backbone: nn.Module, vae: VAEDecoder | None) -> dict:
             raise ValueError(
                 f"the backbone predicts {arch.out_channels} channels of its {channels} inputs"
             )
+    elif isinstance(arch, UNetTextConfig):
+        channels, side, num_classes, has_null = arch.in_channels, arch.sample_size, None, False
+        text_dims = (arch.cross_attention_dim, None)
     else:
         channels, side, num_classes = arch.in_channels, arch.sample_size, arch.num_classes
         has_null = num_classes is not None and arch.null_label

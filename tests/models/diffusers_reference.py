@@ -105,10 +105,16 @@ def patch_to_original_settings(ref: DiTTransformer2DModel) -> None:
         block.norm3.eps = 1e-6  # the LayerNorm before the MLP
 
 
-def random_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    ref = AutoencoderKL(**TINY_VAE).eval()
+def randomised(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """`model` in eval mode with every parameter redrawn from N(0, std²): diffusers
+    zero-initialises some output layers, which would hide their mistakes."""
+    model.eval()
     with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.1)
-    return ref
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def random_vae(seed: int = 0, **overrides) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return randomised(AutoencoderKL(**{**TINY_VAE, **overrides}))

@@ -1,8 +1,10 @@
-"""VAE decoder against diffusers' AutoencoderKL.decode, scaling, and legacy attention names."""
+"""VAE decoder against diffusers' AutoencoderKL.decode (the SD 1.x/2.x and SD3 configurations),
+scaling and shift, and legacy attention names."""
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
-from diffusers_reference import random_vae
+from diffusers_reference import assert_close, random_vae
 
 from denoised.models.backbones.vae import (
     VAEConfig,
@@ -42,6 +44,37 @@ def test_decode_applies_scaling_factor_and_clamps():
     assert (images - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
+# Stable Diffusion 3's VAE settings (Esser et al., 2024) on the tiny layout.
+SD3_SETTINGS = {
+    "latent_channels": 16,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
+def test_sd3_vae_matches_diffusers_decode():
+    ref = random_vae(**SD3_SETTINGS)
+    assert ref.post_quant_conv is None
+    ours = load_ours(ref)
+    assert ours.post_quant_conv is None
+    assert (ours.config.shift_factor, ours.config.scaling_factor) == (0.0609, 1.5305)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2)) * 2
+    with torch.no_grad():
+        assert_close(ours(latents), ref.decode(latents).sample)
+        # As diffusers' SD3 pipeline decodes: latents / scaling_factor + shift_factor.
+        expected = ref.decode(latents / 1.5305 + 0.0609).sample.clamp(-1, 1)
+        assert_close(ours.decode(latents), expected)
+        assert (ours.decode(latents) - ours(latents / 1.5305).clamp(-1, 1)).abs().max() > 1e-4
+
+
+def test_latent_normalisation_is_refused():
+    config = {**random_vae().config, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}
+    with pytest.raises(ValueError, match="AutoencoderKL latents_mean is not supported"):
+        vae_config_from_diffusers(config)
+
+
 def test_legacy_attention_names_are_renamed():
     ref = random_vae()
     names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -76,3 +109,19 @@ def test_sd_vae_layout_matches_diffusers():
     theirs = {k: v.shape for k, v in vae_decoder_state_dict(ref.state_dict()).items()}
     assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
     assert VAEConfig().downscale == 8
+
+
+def test_sd3_vae_layout_matches_diffusers():
+    sd3_vae = {
+        "block_out_channels": (128, 256, 512, 512),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 2,
+        **SD3_SETTINGS,
+    }
+    with torch.device("meta"):
+        ref = AutoencoderKL(**sd3_vae)
+        ours = VAEDecoder(vae_config_from_diffusers(dict(ref.config)))
+    theirs = {k: v.shape for k, v in vae_decoder_state_dict(ref.state_dict()).items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+    assert not any(k.startswith("post_quant_conv") for k in theirs)
