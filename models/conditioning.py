@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +33,16 @@ class TextContext:
     def rows(self) -> int:
         return self.tokens.shape[0]
 
-    def repeat(self, n: int) -> TextContext:
-        """A one-row context as `n` rows (views: a request's images share its prompt)."""
-        if self.rows != 1:
-            raise ValueError(f"repeat needs a one-row context, got {self.rows} rows")
+    def repeat_rows(self, n: int) -> TextContext:
+        """Every row `n` times in a row (a request's n images share its prompt); a one-row
+        context becomes views, not copies."""
 
-        def expand(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.expand(n, *t.shape[1:])
+        def repeat(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.expand(n, *t.shape[1:]) if self.rows == 1 else t.repeat_interleave(n, 0)
 
-        return TextContext(expand(self.tokens), expand(self.mask), expand(self.pooled))
+        return TextContext(repeat(self.tokens), repeat(self.mask), repeat(self.pooled))
 
     @classmethod
     def cat(cls, parts: Sequence[TextContext]) -> TextContext:
@@ -63,7 +65,17 @@ class TextContext:
         return cls(torch.cat(tokens), None if no_mask else torch.cat(masks), pooled)
 
 
-ModelInput = Tensor | TextContext  # one row per backbone row: class ids, or encoded prompts
+class RowInputs(Protocol):
+    """A backbone input other than class ids, one row per backbone row (a `TextContext`, or
+    a backbone's cache derived from one): what `step_batch` stacks across states."""
+
+    def repeat_rows(self, n: int) -> RowInputs: ...
+
+    @classmethod
+    def cat(cls, parts: Sequence[Any]) -> RowInputs: ...
+
+
+ModelInput = Tensor | RowInputs  # one row per backbone row: class ids, or encoded prompts
 
 
 def stack_inputs(parts: Sequence[ModelInput]) -> ModelInput:
@@ -71,6 +83,12 @@ def stack_inputs(parts: Sequence[ModelInput]) -> ModelInput:
     if isinstance(parts[0], Tensor):
         return torch.cat(list(parts))
     return type(parts[0]).cat(parts)
+
+
+def guides(scale: float) -> bool:
+    """Whether a state that has an unconditional input runs it at this guidance scale: the
+    one rule, for class and text conditioning alike (w = 1 leaves u + w·(c − u) = c)."""
+    return scale != 1.0
 
 
 @dataclass(frozen=True)
@@ -95,19 +113,20 @@ class Conditioning:
 
     @classmethod
     def prompts(
-        cls, n: int, prompt: TextContext, negative: TextContext, scale: float = 1.0
+        cls, n: int, prompt: RowInputs, negative: RowInputs, scale: float = 1.0
     ) -> Conditioning:
-        """A request's n rows from its one-row encoded prompt, guided when `scale` is not 1:
-        the negative (or empty) prompt then runs as the unconditional rows."""
-        if scale == 1.0:
-            return cls(prompt.repeat(n))
-        return cls(prompt.repeat(n), negative.repeat(n), float(scale))
+        """A request's n rows from its one-row encoded prompt (a `TextContext`, or the
+        backbone's cache of it), guided when `scale` is not 1: the negative (or empty) prompt
+        then runs as the unconditional rows."""
+        if not guides(scale):
+            return cls(prompt.repeat_rows(n))
+        return cls(prompt.repeat_rows(n), negative.repeat_rows(n), float(scale))
 
     @classmethod
     def classes(cls, labels: Tensor, null_label: int | None, scale: float = 1.0) -> Conditioning:
         """Rows labelled `labels` ([n] class ids), guided toward them when `scale` is not 1.
         ValueError when guidance is asked of a model without a null class."""
-        if scale == 1.0:
+        if not guides(scale):
             return cls(labels)
         if null_label is None:
             raise ValueError("guidance needs the model's null class, and it has none")

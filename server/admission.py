@@ -1,6 +1,7 @@
 """Admission: a client's request, checked against its model and the server's limits, becomes
-validated `GenerationParams` (every default filled in, its conditioning decided) and the
-request's sampler state. Errors are `FieldError`s naming the request field at fault; the HTTP
+validated `GenerationParams` (every default filled in, its conditioning decided — for a text
+model, whether it is guided and the prompts the engine will encode) and the request's
+sampler state. Errors are `FieldError`s naming the request field at fault; the HTTP
 layer answers them with 422.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from denoised.models.conditioning import UNCONDITIONAL, Conditioning
+from denoised.models.conditioning import UNCONDITIONAL, Conditioning, guides
 from denoised.models.sampling.samplers import SamplerOptionError, SamplerState, create_sampler
 from denoised.server.engine.jobs import GenerationParams
 from denoised.server.imaging import OutputFormat
@@ -34,8 +35,9 @@ class FieldError(ValueError):
 class GenerationRequest:
     """What a client asked for, before defaults and limits (None: the model's default)."""
 
-    label: str | int | None = None
-    label_param: str = "label"  # the request field that carries the label, for errors
+    prompt: str | None = None  # a text model's prompt, or a class model's class name
+    label: str | int | None = None  # a class model's class name or id (the native endpoint)
+    negative_prompt: str | None = None  # text models: the unconditional rows' prompt
     n: int = 1
     size: str | None = None
     sampler: str | None = None
@@ -115,6 +117,45 @@ def _guidance(model: ServedModel, given: float | None, label_id: int | None, par
     return 1.0
 
 
+def _class_request(model: ServedModel, request: GenerationRequest) -> tuple[str | int | None, str]:
+    """The class a request names and the field that names it: `label`, or `prompt` (the
+    images endpoint's class name). A negative prompt is for text models only."""
+    if request.negative_prompt is not None:
+        raise FieldError(
+            "negative_prompt",
+            f"model {model.name!r} is conditioned on {model.conditioning} labels, not text; "
+            "omit negative_prompt",
+        )
+    if request.label is not None and request.prompt is not None:
+        raise FieldError("prompt", "give the class as label or as prompt, not both")
+    if request.prompt is not None:
+        return request.prompt, "prompt"
+    return request.label, "label"
+
+
+def _text_guidance(model: ServedModel, request: GenerationRequest) -> float:
+    """A text model's guidance scale; its unconditional rows run the negative prompt, or the
+    empty one."""
+    if request.label is not None:
+        raise FieldError(
+            "label", f"model {model.name!r} is conditioned on text: send a prompt, not a label"
+        )
+    given = request.guidance_scale
+    scale = model.defaults.guidance_scale if given is None else given
+    if guides(scale) and not model.can_guide:
+        raise FieldError(
+            "guidance_scale",
+            f"model {model.name!r} cannot be guided; omit guidance_scale or use 1, got {scale:g}",
+        )
+    if request.negative_prompt is not None and not guides(scale):
+        raise FieldError(
+            "negative_prompt",
+            "a negative prompt needs guidance (the unconditional rows it steers away from run "
+            "only with a guidance_scale other than 1); set guidance_scale or omit it",
+        )
+    return scale
+
+
 def _conditioning(
     model: ServedModel, label_id: int | None, scale: float, n: int, device: torch.device
 ) -> Conditioning:
@@ -164,8 +205,13 @@ def admit(
     timeout = request.timeout if request.timeout is not None else settings.default_timeout
     if timeout > settings.max_timeout:
         raise FieldError("timeout", f"must be at most {settings.max_timeout}, got {timeout}")
-    label_id, label_name = _label(model, request.label, request.label_param)
-    scale = _guidance(model, request.guidance_scale, label_id, request.label_param)
+    if model.conditioning == "text":
+        label_id, label_name, label_param = None, None, "prompt"
+        scale = _text_guidance(model, request)
+    else:
+        value, label_param = _class_request(model, request)
+        label_id, label_name = _label(model, value, label_param)
+        scale = _guidance(model, request.guidance_scale, label_id, label_param)
     if request.preview and not request.stream:
         raise FieldError("preview", "previews are sent as stream events; set stream: true")
     if request.stream and request.response_format == "bytes":
@@ -197,10 +243,12 @@ def admit(
         )
     except ValueError as exc:
         raise FieldError(_sampler_param(exc, options), str(exc)) from None
-    conditioning = _conditioning(model, label_id, scale, n, device)
+    conditioning = None  # a text model's prompts are encoded by the engine, batched
+    if model.conditioning != "text":
+        conditioning = _conditioning(model, label_id, scale, n, device)
     height, width = (int(v) for v in size.split("x"))
-    guided = conditioning.guided
-    work = n * state.nfe * height * width * conditioning.rows_per_sample
+    guided = guides(scale) if conditioning is None else conditioning.guided
+    work = n * state.nfe * height * width * (2 if guided else 1)
     if work > settings.max_work:
         raise FieldError(
             "n",
@@ -227,6 +275,9 @@ def admit(
         timeout=timeout,
         stream=request.stream,
         preview=request.preview,
+        guided=guided,
         conditioning=conditioning,
+        prompt=None if conditioning is not None else request.prompt or "",
+        negative_prompt=request.negative_prompt if conditioning is None and guided else None,
     )
     return params, state

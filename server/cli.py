@@ -75,6 +75,11 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
         type=float,
         help="on SIGTERM, how long admitted requests may take to finish (default 30)",
     )
+    add(
+        "--prompt-cache-mb",
+        type=float,
+        help="per text model: MiB of encoded prompts kept for reuse (default 256)",
+    )
     add("--max-n", type=int, help="most images per request (default 16)")
     add("--max-steps", type=int, help="most sampler steps per request (default 1000)")
     add(

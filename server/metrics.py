@@ -117,6 +117,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prompt_cache_hits = Counter(
+            "denoised_prompt_cache_hits",
+            "Prompts of text models found encoded in the prompt-embedding cache",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_cache_misses = Counter(
+            "denoised_prompt_cache_misses",
+            "Prompts of text models that had to be encoded",
+            ["model"],
+            registry=r,
+        )
         self.batch_limit = Gauge(
             "denoised_batch_limit",
             "Most rows the engine now puts in one forward of the model: max_batch, lowered "
@@ -143,6 +155,11 @@ class Metrics:
             ["route", "code"],
             registry=r,
         )
+
+    def register_text_model(self, model: str) -> None:
+        """A text model's prompt-cache series, at zero."""
+        for counter in (self.prompt_cache_hits, self.prompt_cache_misses):
+            counter.labels(model=model)
 
     def register_model(self, model: str, samplers: tuple[str, ...]) -> None:
         """Create a model's series at zero, so dashboards see them before the first request."""

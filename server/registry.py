@@ -13,6 +13,7 @@ import torch
 
 from denoised.models.checkpoints.model_dir import (
     CONFIG_FILE,
+    TEXT_DIR,
     VAE_WEIGHTS_FILE,
     WEIGHTS_FILE,
     LoadedModel,
@@ -98,9 +99,23 @@ class ServedModel:
         return {f"{side}x{side}": (channels, height, width)}
 
     @property
+    def conditioning(self) -> str:
+        """What requests condition on: `text` (a prompt), `class` (a label) or `none`."""
+        if self.loaded.text is not None:
+            return "text"
+        return "class" if self.num_classes else "none"
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """Tokens of a prompt the text encoders read (longer ones are truncated)."""
+        return None if self.loaded.text is None else self.loaded.text.max_tokens
+
+    @property
     def can_guide(self) -> bool:
-        """Whether guidance applies: a null class to guide from and channels to guide."""
-        return self.loaded.null_label is not None and bool(self.loaded.guided_channels)
+        """Whether guidance applies: an unconditional input to guide from (the null class, or
+        the negative or empty prompt) and channels to guide."""
+        has_unconditional = self.loaded.text is not None or self.loaded.null_label is not None
+        return has_unconditional and bool(self.loaded.guided_channels)
 
     @property
     def defaults(self) -> Defaults:
@@ -162,10 +177,11 @@ def confined_model_dir(path: Path | str, roots: Sequence[str] = ()) -> Path:
             f"{path} resolves to {resolved}, outside the model roots "
             f"({', '.join(map(str, allowed))})"
         )
-    for name in (CONFIG_FILE, WEIGHTS_FILE, VAE_WEIGHTS_FILE):
-        target = (resolved / name).resolve()
+    text_files = sorted((resolved / TEXT_DIR).rglob("*")) if (resolved / TEXT_DIR).is_dir() else []
+    for file in [resolved / n for n in (CONFIG_FILE, WEIGHTS_FILE, VAE_WEIGHTS_FILE)] + text_files:
+        target = file.resolve()
         if not any(target.is_relative_to(root) for root in [resolved, *allowed]):
-            raise ValueError(f"{resolved / name} links to {target}, outside its model directory")
+            raise ValueError(f"{file} links to {target}, outside its model directory")
     return resolved
 
 

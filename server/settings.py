@@ -38,6 +38,7 @@ class Settings:
     max_work: float = 2.0e9  # n × evaluations × pixels (× 2 guided) one request may ask for
     max_body_bytes: int = 64 * 1024
     preview_size: int = 32  # longest side of the streamed x0 previews, pixels
+    prompt_cache_mb: float = 256.0  # per text model: encoded prompts kept for reuse (LRU)
     warmup: bool = True  # one small generation per model before /ready turns true
     # /ready is 503 while any configured model failed to load (the others still serve);
     # False: ready as soon as one model serves, the failed ones listed in /ready's detail.
@@ -61,6 +62,8 @@ class Settings:
         for name in ("port", "max_batch", "max_queue", "max_n", "max_steps", "max_body_bytes"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.prompt_cache_mb < 0:
+            raise ValueError(f"prompt_cache_mb must be >= 0, got {self.prompt_cache_mb}")
         for name in ("drain_seconds", "max_timeout", "default_timeout", "max_work"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -1,10 +1,13 @@
-"""Reading a live server's /metrics (with prometheus_client's own parser) and event streams,
-and waiting."""
+"""Reading a live server's /metrics (with prometheus_client's own parser), event streams and
+npy images, and waiting."""
 
+import base64
+import io
 import json
 import time
 
 import httpx
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -45,3 +48,8 @@ def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
         elif line.startswith("data: "):
             events.append((name, json.loads(line.removeprefix("data: "))))
     return events
+
+
+def npy_images(body: dict, key: str = "data") -> list[np.ndarray]:
+    """The `output_format: npy` images of a JSON generation response (`data` or `images`)."""
+    return [np.load(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in body[key]]

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import SafetensorError
@@ -34,9 +34,13 @@ from denoised.models.backbones.vae import VAEConfig, VAEDecoder
 from denoised.models.sampling.process import Process, process_from_config
 from denoised.models.sampling.samplers import SAMPLER_NAMES
 
+if TYPE_CHECKING:
+    from denoised.models.text.conditioner import TextConditioner
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VAE_WEIGHTS_FILE = "vae.safetensors"
+TEXT_DIR = "text"  # a text model's encoders and tokenizers, in a diffusers pipeline's layout
 FORMAT = "denoised.model/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 DEFAULT_KEYS = ("sampler", "steps", "guidance_scale", "size")  # config.json's "defaults"
@@ -70,6 +74,7 @@ class LoadedModel:
     # (token width, pooled width or None) of the TextContext a text-conditioned backbone takes
     # as `y`; None: the backbone takes class ids (or nothing)
     text_dims: tuple[int, int | None] | None = None
+    text: TextConditioner | None = None  # text models: the prompt encoders and tokenizers
 
     @property
     def null_label(self) -> int | None:
@@ -314,12 +319,15 @@ def save_model_dir(
     backbone: nn.Module,
     config: dict,
     vae: VAEDecoder | None = None,
+    text_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write `backbone` (and `vae`) with `config` as a model directory; returns its path.
 
     `config` needs at least `process`; `family` defaults from the backbone type ("dit",
     "unet" or "mmdit"), `architecture` and `vae` are filled in from the modules, `name`
-    defaults to the directory name. Everything is validated the way `load_model_dir` would.
+    defaults to the directory name. A text-conditioned backbone needs `text_from`: a diffusers
+    pipeline folder whose text encoders and tokenizers are copied into `text/` as they are.
+    Everything is validated the way `load_model_dir` would.
     """
     path = Path(path)
     config = dict(config)
@@ -333,8 +341,17 @@ def save_model_dir(
     config["process"] = process_from_config(config["process"]).to_config()
     config.setdefault("name", path.name)
     config = {"format": FORMAT, **config}
-    describe(config, backbone, vae)
+    text_dims = describe(config, backbone, vae)["text_dims"]
+    if (text_dims is None) != (text_from is None):
+        raise ValueError(
+            "a text-conditioned backbone needs text_from (a pipeline folder with its text "
+            "encoders), and only such a backbone takes one"
+        )
     path.mkdir(parents=True, exist_ok=True)
+    if text_from is not None:
+        from denoised.models.text.loading import copy_text_parts  # transformers: text only
+
+        copy_text_parts(Path(text_from), path / TEXT_DIR)
     _write_weights(backbone, path / WEIGHTS_FILE)
     if vae is not None:
         _write_weights(vae, path / VAE_WEIGHTS_FILE)
@@ -385,11 +402,38 @@ def load_model_dir(
         weights = path / VAE_WEIGHTS_FILE
         load_weights(vae, read_safetensors(weights), str(weights), dtype)
         vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    text = None
+    if facts["text_dims"] is not None:
+        text = load_text(path / TEXT_DIR, device, dtype, facts["text_dims"])
     return LoadedModel(
         name=config.get("name", path.name),
         config=config,
         backbone=backbone,
         process=process,
         vae=vae,
+        text=text,
         **facts,
     )
+
+
+def load_text(
+    folder: Path, device: torch.device | str, dtype: torch.dtype, dims: tuple[int, int | None]
+) -> TextConditioner:
+    """A text model's encoders from `folder`, checked against what its backbone takes:
+    `dims` = (token width, pooled width or None)."""
+    from denoised.models.text.conditioner import TextConditioner  # transformers: text only
+
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"{folder}: a text-conditioned model needs its text encoders and tokenizers there "
+            "(model_index.json and the text_encoder/ and tokenizer/ folders it names)"
+        )
+    text = TextConditioner.from_pipeline_dir(folder, device, dtype, token_width=dims[0])
+    probe = text.encode([""])[0]
+    got = (probe.tokens.shape[-1], None if probe.pooled is None else probe.pooled.shape[-1])
+    if got != dims:
+        raise ValueError(
+            f"{folder}: the text encoders give (token width, pooled width) {got}; the "
+            f"backbone takes {dims}"
+        )
+    return text

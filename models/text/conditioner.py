@@ -68,9 +68,12 @@ class TextConditioner:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         max_sequence_length: int = 256,
+        token_width: int | None = None,
     ) -> TextConditioner:
         """The text encoders of the diffusers pipeline folder `path`, on `device` in `dtype`.
-        `max_sequence_length`: T5's tokens for SD3 (diffusers' default 256). ValueError, naming
+        `max_sequence_length`: T5's tokens for SD3 (diffusers' default 256); `token_width`: the
+        width of the zeros an SD3 pipeline without T5 feeds (default: the folder's
+        `transformer/config.json` `joint_attention_dim`). ValueError, naming
         the file or folder, for an unsupported pipeline, a missing tokenizer or encoder, or
         encoder weights that are pickled only or do not match their config."""
         path = Path(path)
@@ -81,7 +84,8 @@ class TextConditioner:
                 f"{path / 'model_index.json'}: {kind!r} pipelines are not supported; "
                 f"supported: {', '.join(PIPELINES)}"
             )
-        return PIPELINES[kind].load(path, index, torch.device(device), dtype, max_sequence_length)
+        load = PIPELINES[kind].load
+        return load(path, index, torch.device(device), dtype, max_sequence_length, token_width)
 
     def encode(
         self, prompts: Sequence[str], cache: PromptCache | None = None
@@ -123,7 +127,9 @@ class StableDiffusionText(TextConditioner):
         self.use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
 
     @classmethod
-    def load(cls, path, index, device, dtype, max_sequence_length) -> StableDiffusionText:
+    def load(
+        cls, path, index, device, dtype, max_sequence_length, token_width
+    ) -> StableDiffusionText:
         tokenizer, encoder = load_text_pair(
             path, index, "", CLIP_TOKENIZERS, ("CLIPTextModel",), device, dtype
         )
@@ -160,7 +166,9 @@ class StableDiffusion3Text(TextConditioner):
         self.max_sequence_length, self.zeros_width = max_sequence_length, zeros_width
 
     @classmethod
-    def load(cls, path, index, device, dtype, max_sequence_length) -> StableDiffusion3Text:
+    def load(
+        cls, path, index, device, dtype, max_sequence_length, token_width
+    ) -> StableDiffusion3Text:
         if not 1 <= max_sequence_length <= MAX_T5_SEQUENCE_LENGTH:
             raise ValueError(
                 f"max_sequence_length must be in 1..{MAX_T5_SEQUENCE_LENGTH}, "
@@ -181,8 +189,8 @@ class StableDiffusion3Text(TextConditioner):
         t5 = load_text_pair(
             path, index, "_3", T5_TOKENIZERS, ("T5EncoderModel",), device, dtype, required=False
         )
-        zeros_width = None
-        if t5 is None:  # diffusers then feeds zeros as wide as the transformer's text input
+        zeros_width = token_width
+        if t5 is None and zeros_width is None:  # zeros as wide as the transformer's text input
             config = path / "transformer" / "config.json"
             zeros_width = read_json_object(config).get("joint_attention_dim")
             if not isinstance(zeros_width, int):

@@ -10,6 +10,8 @@ otherwise fill with random values and only warn about.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -117,3 +119,23 @@ def load_text_pair(
         load_tokenizer(path, "tokenizer" + suffix, tokenizer_cls),
         load_encoder(path, "text_encoder" + suffix, encoder_cls, device, dtype),
     )
+
+
+TEXT_COMPONENTS = tuple(
+    f"{kind}{suffix}" for suffix in ("", "_2", "_3") for kind in ("text_encoder", "tokenizer")
+)
+
+
+def copy_text_parts(pipeline: Path, out: Path) -> None:
+    """A pipeline folder's text encoders and tokenizers as the folder `out`, in the same
+    layout: `model_index.json` (its class and text components only) and their folders.
+    ValueError, as loading would give it, for a missing component folder."""
+    index = read_model_index(pipeline)
+    kept = {k: v for k, v in index.items() if k.startswith("_") or k in TEXT_COMPONENTS}
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name, entry in kept.items():
+        if not name.startswith("_") and entry not in (None, [None, None]):
+            shutil.copytree(_folder(pipeline, name, str(entry)), out / name)
+    (out / "model_index.json").write_text(json.dumps(kept, indent=2) + "\n")

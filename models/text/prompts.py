@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from denoised.models.conditioning import TextContext
@@ -24,6 +23,11 @@ class EncodedPrompt:
     num_tokens: int
     truncated: bool
 
+    def context(self) -> TextContext:
+        """This prompt as a one-row `TextContext`."""
+        pooled = None if self.pooled is None else self.pooled[None]
+        return TextContext(self.tokens[None], None, pooled)
+
     @property
     def nbytes(self) -> int:
         pooled = 0 if self.pooled is None else self.pooled.nbytes
@@ -36,21 +40,4 @@ def stack_prompts(prompts: Sequence[EncodedPrompt]) -> TextContext:
     ValueError for no prompts, or when some have a pooled embedding and others not."""
     if not prompts:
         raise ValueError("no prompts to stack")
-    pooled = [p.pooled for p in prompts]
-    if any(x is None for x in pooled) and any(x is not None for x in pooled):
-        raise ValueError("some prompts have a pooled embedding and some do not")
-    lengths = [p.tokens.shape[0] for p in prompts]
-    if len(set(lengths)) == 1:
-        tokens, mask = torch.stack([p.tokens for p in prompts]), None
-    else:
-        first = prompts[0].tokens
-        tokens = first.new_zeros(len(prompts), max(lengths), first.shape[1])
-        mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=first.device)
-        for row, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
-            tokens[row, :n] = p.tokens
-            mask[row, :n] = True
-    return TextContext(
-        tokens=tokens,
-        mask=mask,
-        pooled=None if pooled[0] is None else torch.stack(pooled),
-    )
+    return TextContext.cat([p.context() for p in prompts])

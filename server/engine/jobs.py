@@ -44,16 +44,17 @@ class GenerationParams:
     timeout: float
     stream: bool
     preview: bool
-    conditioning: Conditioning  # the rows' model inputs, and whether they are guided
-
-    @property
-    def guided(self) -> bool:
-        return self.conditioning.guided
+    guided: bool  # whether unconditional rows run alongside (`conditioning.guides`)
+    # The rows' model inputs; None for a text model's request, whose prompts the engine
+    # encodes (`prompt`, and `negative_prompt` or "" for its unconditional rows).
+    conditioning: Conditioning | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
     @property
     def rows(self) -> int:
         """Backbone rows per evaluation: a guided sample also runs unconditionally."""
-        return self.n * self.conditioning.rows_per_sample
+        return self.n * (2 if self.guided else 1)
 
     @property
     def batch_key(self) -> tuple:
@@ -107,6 +108,9 @@ class Job:
     admitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # first forward chosen
     cancelled: bool = False  # set from the event loop; the engine drops the job next iteration
+    conditioning: Conditioning | None = None  # params.conditioning, or the encoded prompts
+    prompt_tokens: int | None = None  # text models: the prompt's tokens, before truncation
+    truncated: bool | None = None  # whether the prompt was cut to the encoder's limit
     # With `params.preview`: the evaluations (1-based) that get a preview, None for every one;
     # a mapping carries what the stream numbers them by (OpenAI's partial_image_index).
     preview_steps: Mapping[int, int] | None = None
@@ -114,6 +118,8 @@ class Job:
     events: asyncio.Queue | None = field(init=False)  # Progress, then None when finished
 
     def __post_init__(self) -> None:
+        if self.conditioning is None:
+            self.conditioning = self.params.conditioning
         self.result = self.loop.create_future()
         # Retrieve the outcome even when no one awaits it (the client went away).
         self.result.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -96,6 +96,13 @@ class _WarmupItem:
 
     params: GenerationParams
     state: Any
+    conditioning: Any = None  # set as a Job's is: from the params, or by encoding the prompt
+    prompt_tokens: int | None = None
+    truncated: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.conditioning is None:
+            self.conditioning = self.params.conditioning
 
 
 class Engine:
@@ -117,8 +124,10 @@ class Engine:
         faults = parse_faults(settings.fault_injection)
         if faults.active:
             log.warning("fault injection is on (tests only): %s", faults)
+        cache_bytes = int(settings.prompt_cache_mb * 2**20)
         self.runners = {
-            name: ModelRunner(m.loaded, dtype, faults) for name, m in registry.models.items()
+            name: ModelRunner(m.loaded, dtype, faults, cache_bytes)
+            for name, m in registry.models.items()
         }
         self.batcher = make_batcher(settings.batching, settings.max_batch)
         self.limits = {name: BatchLimit(settings.max_batch, probe_after) for name in self.runners}
@@ -132,6 +141,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="denoised-engine", daemon=True)
         for name in registry.models:
             metrics.register_model(name, SAMPLER_NAMES)
+            if registry.models[name].conditioning == "text":
+                metrics.register_text_model(name)
             metrics.batch_limit.labels(model=name).set(settings.max_batch)
         if device.type == "cuda" or os.path.exists("/proc/self/statm"):
             metrics.watch_device_memory(str(device), _memory_reader(device))
@@ -212,6 +223,8 @@ class Engine:
         )
         params, state = admit(served, request, self.settings, "warmup", self.device)
         item = _WarmupItem(params, state)
+        if item.conditioning is None:
+            self.runners[name].encode_prompts([item])
         while not state.done:
             outcome = self.runners[name].step([item])
             if outcome.failed:
@@ -229,7 +242,7 @@ class Engine:
                     leftover, self._jobs = self._jobs, []
                     break
                 jobs = list(self._jobs)
-            live = [job for job in jobs if not self._reaped(job)]
+            live = self._encode_pending([job for job in jobs if not self._reaped(job)])
             if live:
                 by_seq = {job.seq: job for job in live}
                 limits = {name: limit.rows for name, limit in self.limits.items()}
@@ -240,6 +253,30 @@ class Engine:
                 self._update_gauges()
         for job in leftover:
             self._end(job, Draining("the server stopped before this request finished"), "failed")
+
+    def _encode_pending(self, jobs: list[Job]) -> list[Job]:
+        """Encode the prompts of the text jobs that have none yet, one batch per model (so a
+        request's prompt is encoded once, not per step); the jobs of a model whose encoding
+        fails fail. Returns the jobs that can step."""
+        pending: dict[str, list[Job]] = {}
+        for job in jobs:
+            if job.conditioning is None:
+                pending.setdefault(job.params.model, []).append(job)
+        for model, group in pending.items():
+            runner = self.runners[model]
+            cache = runner.prompt_cache
+            hits, misses = cache.hits, cache.misses
+            try:
+                runner.encode_prompts(group)
+            except Exception as exc:
+                log.exception("encoding %d prompts of %s failed", len(group), model)
+                for job in group:
+                    error = JobError(500, f"encoding the prompt failed: {type(exc).__name__}",
+                                     "internal_error")  # fmt: skip
+                    self._end(job, error, "failed")
+            self.metrics.prompt_cache_hits.labels(model=model).inc(cache.hits - hits)
+            self.metrics.prompt_cache_misses.labels(model=model).inc(cache.misses - misses)
+        return [job for job in jobs if job.conditioning is not None]
 
     def _reaped(self, job: Job) -> bool:
         if job.cancelled:

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from denoised.models.checkpoints.model_dir import LoadedModel
+from denoised.models.conditioning import Conditioning
 from denoised.models.sampling.samplers import step_batch
+from denoised.models.text.cache import PromptCache
+from denoised.models.text.prompts import EncodedPrompt
 from denoised.server.faults import Faults
 
 
@@ -27,14 +31,45 @@ class StepOutcome:
 class ModelRunner:
     """Owns one loaded model on the engine's device."""
 
-    def __init__(self, model, dtype: torch.dtype, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        dtype: torch.dtype,
+        faults: Faults | None = None,
+        prompt_cache_bytes: int = 0,
+    ) -> None:
         self.model = model
         self.dtype = dtype
         self.device = next(model.backbone.parameters()).device
         self._model_fn = (faults or Faults()).wrap(self._forward)
+        # Text models: encoded prompts kept on the device for reuse (counted in the metrics).
+        self.prompt_cache = PromptCache(prompt_cache_bytes) if model.text is not None else None
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.model.backbone(x.to(self.dtype), t, y)
+
+    def encode_prompts(self, jobs: Sequence) -> None:
+        """Give text jobs their conditioning: every distinct prompt (and negative or empty
+        prompt of the guided ones) not in the prompt cache is encoded in one batch per encoder.
+        A backbone with a cross-attention cache gets that instead of the encoded tokens: its
+        text K/V are then computed once per request, not once per step."""
+        text = self.model.text
+        texts = [job.params.prompt for job in jobs]
+        texts += [job.params.negative_prompt or "" for job in jobs if job.params.guided]
+        encoded = dict(zip(texts, text.encode(texts, self.prompt_cache), strict=True))
+        for job in jobs:
+            p = job.params
+            prompt = encoded[p.prompt]
+            negative = encoded[p.negative_prompt or ""] if p.guided else prompt
+            job.conditioning = Conditioning.prompts(
+                p.n, self._text_input(prompt), self._text_input(negative), p.guidance_scale
+            )
+            job.prompt_tokens, job.truncated = prompt.num_tokens, prompt.truncated
+
+    def _text_input(self, prompt: EncodedPrompt):
+        context = prompt.context()
+        cache = getattr(self.model.backbone, "text_cache", None)
+        return context if cache is None else cache(context)
 
     @torch.inference_mode()
     def step(self, jobs: Sequence) -> StepOutcome:
@@ -44,7 +79,7 @@ class ModelRunner:
         noise for the pending evaluation is drawn once, so a retry is identical). A job whose
         new values are not finite is reported in `failed`; the others are unaffected."""
         states = [job.state for job in jobs]
-        conditionings = [job.params.conditioning for job in jobs]
+        conditionings = [job.conditioning for job in jobs]
         d = step_batch(self._model_fn, states, conditionings, self.model.guided_channels)
         counts = [state.x.shape[0] for state in states]
         x_next = torch.cat([state.x for state in states])

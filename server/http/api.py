@@ -80,8 +80,8 @@ shares one backbone forward per engine iteration (step-level batching).
 """
 
 
-# The body fields admission reads (the label travels apart: `prompt` or `label`).
-ADMITTED_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"label", "label_param"}
+# The body fields admission reads (each endpoint's body has a subset of them).
+ADMITTED_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
 
 
 def _error_responses(*codes: int) -> dict:
@@ -159,6 +159,8 @@ def _info(job: Job) -> dict:
         sampler_options=p.sampler_options,
         size=p.size,
         output_format=p.output_format,
+        prompt_tokens=job.prompt_tokens,
+        truncated=job.truncated,
     ).model_dump()
 
 
@@ -292,6 +294,8 @@ def model_card(model: ServedModel) -> ModelCard:
         prediction=loaded.process.prediction,
         classes=model.classes,
         num_classes=model.num_classes or None,
+        conditioning=model.conditioning,
+        max_prompt_tokens=model.max_prompt_tokens,
         sizes=list(model.sizes),
         samplers=list(SAMPLER_NAMES),
         defaults=ModelDefaults(**dataclasses.asdict(model.defaults)),
@@ -312,8 +316,6 @@ def _served_model(registry: ModelRegistry, name: str | None, param: str) -> Serv
 async def _generate(
     request: Request,
     body: SamplingFields,
-    label: str | int | None,
-    label_param: str,
     openai_shape: bool,
     events: Callable[[Engine, Job], AsyncIterator[bytes]],
     partial_images: int = 0,
@@ -323,7 +325,7 @@ async def _generate(
     request_id = request.state.request_id
     model = _served_model(registry, body.model, "model")
     fields = body.model_dump(include=ADMITTED_FIELDS)
-    wanted = GenerationRequest(label=label, label_param=label_param, **fields)
+    wanted = GenerationRequest(**fields)
     try:
         params, sampler_state = admit(model, wanted, server.settings, request_id, engine.device)
     except FieldError as exc:
@@ -413,9 +415,7 @@ def create_app(settings: Settings) -> FastAPI:
         partial_images = body.partial_images or 0
         if partial_images:  # partial images are the job's previews, sent at chosen evaluations
             body = body.model_copy(update={"preview": True})
-        return await _generate(
-            request, body, body.prompt, "prompt", True, _openai_stream, partial_images
-        )
+        return await _generate(request, body, True, _openai_stream, partial_images)
 
     @app.post(
         "/v1/generate",
@@ -428,9 +428,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request) -> Response:
         """`label` is a class name or a class id. The response echoes every resolved
         parameter (the seed too) and the request's queue and total time."""
-        return await _generate(
-            request, body, body.label, "label", openai_shape=False, events=_native_stream
-        )
+        return await _generate(request, body, openai_shape=False, events=_native_stream)
 
     @app.get(
         "/v1/models",

@@ -30,6 +30,10 @@ SamplerOptionValue = bool | int | float | str
 
 # OpenAI Images API values this server cannot honour, and why (a plain "Input should be
 # 'png', 'webp' or 'npy'" would not tell an OpenAI client that the value is understood).
+# Characters in a prompt or negative prompt: far more than any encoder reads (CLIP's 77 tokens,
+# T5's 512), small enough to keep a body's cost bounded.
+PROMPT_CHARS = 4000
+
 _UNSUPPORTED_VALUES = {
     "output_format": {"jpeg": "images are encoded losslessly; use 'png', 'webp' or 'npy'"},
     "response_format": {"url": "this server keeps no images to link to; use 'b64_json' or 'bytes'"},
@@ -65,6 +69,12 @@ class SamplingFields(BaseModel):
 
     model: str | None = Field(
         None, description="Model id (see GET /v1/models); default: the first served model."
+    )
+    negative_prompt: str | None = Field(
+        None,
+        max_length=PROMPT_CHARS,
+        description="Text models: what guidance steers away from (the unconditional rows' "
+        "prompt; default the empty prompt). Needs guidance (`guidance_scale` other than 1).",
     )
     n: int = Field(1, ge=1, description="Number of images (at most the server's max_n).")
     size: str | None = Field(
@@ -152,9 +162,10 @@ class ImagesRequest(SamplingFields):
 
     prompt: str | None = Field(
         None,
-        max_length=1000,
-        description='A class name of the model (e.g. `"3"` for the digits models). '
-        "Omitted: unconditional generation.",
+        max_length=PROMPT_CHARS,
+        description="Text models: the prompt (truncated to the model's `max_prompt_tokens`, "
+        'as the response\'s `truncated` says). Class models: a class name (e.g. `"3"` for '
+        "the digits models). Omitted: the empty prompt, or unconditional generation.",
     )
     user: str | None = Field(None, max_length=256, description="Accepted and ignored (OpenAI).")
     quality: Literal["auto", "standard"] | None = Field(
@@ -230,7 +241,13 @@ class GenerateRequest(SamplingFields):
 
     label: str | int | None = Field(
         None,
-        description="A class name (string) or class id (integer); omitted: unconditional.",
+        description="Class models: a class name (string) or class id (integer); omitted: "
+        "unconditional.",
+    )
+    prompt: str | None = Field(
+        None,
+        max_length=PROMPT_CHARS,
+        description="Text models: the prompt (class models take it as a class name too).",
     )
 
 
@@ -255,6 +272,12 @@ class GenerationInfo(BaseModel):
     sampler_options: dict[str, SamplerOptionValue]
     size: str
     output_format: OutputFormat
+    prompt_tokens: int | None = Field(
+        None, description="Text models: the prompt's tokens, counted before truncation."
+    )
+    truncated: bool | None = Field(
+        None, description="Text models: whether the prompt was cut to `max_prompt_tokens`."
+    )
 
 
 class ImagesResponse(GenerationInfo):
@@ -299,7 +322,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "denoised"
-    architecture: str = Field(description="Backbone family: dit, sit or unet")
+    architecture: str = Field(description="Backbone family: dit, sit, unet, unet-text, mmdit")
     process: str = Field(description="Noise process: vp (diffusion) or flow")
     prediction: str = Field(description="What the backbone predicts: epsilon, v, sample, velocity")
     classes: list[str] | None = Field(
@@ -307,6 +330,12 @@ class ModelCard(BaseModel):
     )
     num_classes: int | None = Field(
         None, description="Classes (ids 0..num_classes−1), or null if unconditional"
+    )
+    conditioning: Literal["text", "class", "none"] = Field(
+        description="What requests condition on: a text prompt, a class label, or nothing"
+    )
+    max_prompt_tokens: int | None = Field(
+        None, description="Text models: the prompt tokens read; longer prompts are truncated"
     )
     sizes: list[str]
     samplers: list[str]

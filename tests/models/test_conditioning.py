@@ -32,7 +32,7 @@ def text_model(x: torch.Tensor, t: torch.Tensor, y: TextContext) -> torch.Tensor
 
 def test_cat_pads_and_masks_shorter_contexts() -> None:
     a, b = context(3, 0), context(5, 1)
-    both = TextContext.cat([a.repeat(2), b])
+    both = TextContext.cat([a.repeat_rows(2), b])
     assert both.tokens.shape == (3, 5, DIM) and both.pooled.shape == (3, 3)
     assert both.mask.tolist() == [[True] * 3 + [False] * 2] * 2 + [[True] * 5]
     assert torch.equal(both.tokens[0, :3], a.tokens[0]) and not both.tokens[0, 3:].any()

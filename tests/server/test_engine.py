@@ -131,10 +131,8 @@ def test_a_request_whose_forward_raises_fails_alone(make_engine, solo):
 
     def bad_label(i, job):  # an id past the class table: the embedding lookup raises
         if i == 0:
-            conditioning = job.params.conditioning
-            past = torch.full_like(conditioning.inputs, 10_000)
-            conditioning = dataclasses.replace(conditioning, inputs=past)
-            job.params = dataclasses.replace(job.params, conditioning=conditioning)
+            past = torch.full_like(job.conditioning.inputs, 10_000)
+            job.conditioning = dataclasses.replace(job.conditioning, inputs=past)
         return job
 
     results = asyncio.run(run_jobs(engine, MIXED[:3], tamper=bad_label))
