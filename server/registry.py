@@ -199,7 +199,13 @@ def load_registry(
     for directory in dirs:
         try:
             path = confined_model_dir(directory, roots)
-            served.append(ServedModel(load_model_dir(path, device=device, dtype=dtype), created))
+            loaded = load_model_dir(path, device=device, dtype=dtype)
+            if loaded.text_dims is not None and loaded.text is None:
+                raise ValueError(
+                    f"{path} holds a text-conditioned backbone without its text encoders "
+                    f"({path / TEXT_DIR} is missing; `denoised convert` writes it)"
+                )
+            served.append(ServedModel(loaded, created))
         except Exception as exc:
             log.exception("model directory %s failed to load", directory)
             unavailable[Path(directory).name] = f"{type(exc).__name__}: {exc}"

@@ -325,9 +325,10 @@ def save_model_dir(
 
     `config` needs at least `process`; `family` defaults from the backbone type ("dit",
     "unet" or "mmdit"), `architecture` and `vae` are filled in from the modules, `name`
-    defaults to the directory name. A text-conditioned backbone needs `text_from`: a diffusers
-    pipeline folder whose text encoders and tokenizers are copied into `text/` as they are.
-    Everything is validated the way `load_model_dir` would.
+    defaults to the directory name. A text-conditioned backbone takes `text_from`: a diffusers
+    pipeline folder whose text encoders and tokenizers are copied into `text/` as they are
+    (without them the backbone loads, but is not served). Everything is validated the way
+    `load_model_dir` would.
     """
     path = Path(path)
     config = dict(config)
@@ -341,12 +342,9 @@ def save_model_dir(
     config["process"] = process_from_config(config["process"]).to_config()
     config.setdefault("name", path.name)
     config = {"format": FORMAT, **config}
-    text_dims = describe(config, backbone, vae)["text_dims"]
-    if (text_dims is None) != (text_from is None):
-        raise ValueError(
-            "a text-conditioned backbone needs text_from (a pipeline folder with its text "
-            "encoders), and only such a backbone takes one"
-        )
+    if text_from is not None and describe(config, backbone, vae)["text_dims"] is None:
+        raise ValueError("text_from is for text-conditioned backbones only")
+    describe(config, backbone, vae)
     path.mkdir(parents=True, exist_ok=True)
     if text_from is not None:
         from denoised.models.text.loading import copy_text_parts  # transformers: text only
@@ -403,7 +401,7 @@ def load_model_dir(
         load_weights(vae, read_safetensors(weights), str(weights), dtype)
         vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     text = None
-    if facts["text_dims"] is not None:
+    if facts["text_dims"] is not None and (path / TEXT_DIR).is_dir():
         text = load_text(path / TEXT_DIR, device, dtype, facts["text_dims"])
     return LoadedModel(
         name=config.get("name", path.name),

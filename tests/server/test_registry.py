@@ -215,3 +215,17 @@ def test_a_conditional_model_without_a_null_class_needs_a_label(tmp_path):
     assert (params.label, params.guidance_scale, params.guided) == (2, 1.0, False)
     Engine(registry, Settings(), Metrics(), CPU, torch.float32).warm_up()
     assert list(registry.models) == ["no-null"] and not registry.unavailable
+
+
+def test_a_text_backbone_without_its_encoders_is_not_served(tmp_path):
+    from denoised.models.backbones.mmdit import MMDiT, MMDiTConfig
+    from denoised.models.checkpoints.presets import SD3_PROCESS
+
+    config = MMDiTConfig(sample_size=8, in_channels=4, num_layers=1, attention_head_dim=8,
+                         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                         pooled_projection_dim=12, pos_embed_max_size=8)  # fmt: skip
+    bare = save_model_dir(tmp_path / "bare", MMDiT(config), {"process": SD3_PROCESS})
+    plain = write_unnamed_dit(tmp_path)
+    registry = load_registry([bare, plain], CPU, torch.float32)
+    assert list(registry.models) == ["tiny-ids"]
+    assert "without its text encoders" in registry.unavailable["bare"]
