@@ -10,15 +10,11 @@ import threading
 
 import torch
 
+from denoised.server.device import resolve_device, settle_dtype
 from denoised.server.engine.loop import Engine
 from denoised.server.http.errors import APIError
 from denoised.server.metrics import Metrics
-from denoised.server.registry import (
-    ModelRegistry,
-    default_model_dirs,
-    load_registry,
-    resolve_device,
-)
+from denoised.server.registry import ModelRegistry, default_model_dirs, load_registry
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")
@@ -45,7 +41,13 @@ class ServerState:
             dirs = list(self.settings.models) or default_model_dirs()
             log.info("loading %s on %s (%s)", ", ".join(map(str, dirs)), device, dtype)
             registry = load_registry(dirs, device, dtype, self.settings.model_roots)
-            engine = Engine(registry, self.settings, self.metrics, device, dtype)
+            for name, served in list(registry.models.items()):
+                try:
+                    settle_dtype(served.loaded, device, self.settings)
+                except Exception as exc:  # its forward fails: warm-up would drop it too
+                    log.exception("the dtype check of %s failed: not serving it", name)
+                    registry.drop(name, f"dtype check failed: {type(exc).__name__}: {exc}")
+            engine = Engine(registry, self.settings, self.metrics, device)
             if self.settings.warmup:
                 engine.warm_up()
             engine.start()

@@ -62,19 +62,6 @@ class ModelUnavailable(LookupError):
         super().__init__(f"model {name!r} is unavailable: it failed to load ({reason})")
 
 
-def resolve_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
-    """The device and backbone dtype the `device`/`dtype` settings ask for."""
-    name = settings.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    dtype_name = settings.dtype
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if name == "cuda" else "float32"
-    return torch.device(name), getattr(torch, dtype_name)
-
-
 def _allowed(values: list[str], limit: int = 20) -> str:
     shown = ", ".join(repr(v) for v in values[:limit])
     return shown + (

@@ -20,7 +20,13 @@ class Settings:
     models: tuple[str, ...] = ()  # model directories; empty: the shipped default models
     model_roots: tuple[str, ...] = ()  # if set, model directories must resolve inside these
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # backbone dtype; auto: float32 on cpu, bfloat16 on cuda
+    # Backbone dtype. auto: bfloat16 on cuda; on cpu bfloat16 where the CPU multiplies it
+    # natively (AMX, AVX512-BF16) and the model's outputs stay close (server/device.py),
+    # else float32.
+    dtype: str = "auto"
+    # Backbones through torch.compile (inductor; CUDA graphs per batch bucket on CUDA),
+    # compiled during warm-up (at the first forward without warm-up).
+    compile: bool = True
     threads: int = 0  # CPU threads for torch ops; 0: torch's default (one per core)
     max_batch: int = 64  # samples per backbone forward (a guided sample counts twice)
     max_queue: int = 256  # admitted requests waiting for their first step; more get 429

@@ -104,7 +104,6 @@ class Engine:
         settings: Settings,
         metrics: Metrics,
         device: torch.device,
-        dtype: torch.dtype,
         probe_after: int = PROBE_AFTER,
     ) -> None:
         """`probe_after`: successful iterations before a model's row limit, lowered after
@@ -117,7 +116,8 @@ class Engine:
         if faults.active:
             log.warning("fault injection is on (tests only): %s", faults)
         self.runners = {
-            name: ModelRunner(m.loaded, dtype, faults) for name, m in registry.models.items()
+            name: ModelRunner(m.loaded, faults, settings.compile, settings.max_batch)
+            for name, m in registry.models.items()
         }
         self.batcher = make_batcher(settings.batching, settings.max_batch)
         self.limits = {name: BatchLimit(settings.max_batch, probe_after) for name in self.runners}
@@ -193,8 +193,9 @@ class Engine:
 
     # ---- warm-up (before start) ------------------------------------------------------------
     def warm_up(self) -> None:
-        """One short guided generation per model: first-call costs are paid before /ready. A
-        model whose warm-up fails is dropped (listed as unavailable) and the others serve."""
+        """Per model: compile its backbone (with `compile`), then one short guided generation:
+        first-call costs are paid before /ready. A model whose warm-up fails is dropped
+        (listed as unavailable) and the others serve."""
         for name, served in list(self.registry.models.items()):
             try:
                 self._warm_up(name, served)
@@ -204,6 +205,9 @@ class Engine:
                 self.registry.drop(name, f"warm-up failed: {type(exc).__name__}: {exc}")
 
     def _warm_up(self, name: str, served) -> None:
+        seconds = self.runners[name].compile()
+        if seconds:
+            log.info("compiled %s in %.1f s", name, seconds)
         guides = served.num_classes and served.loaded.guided_channels
         fields = SamplingFields(n=1, steps=2, guidance_scale=2.0 if guides else 1.0)
         label = 0 if served.num_classes else None
