@@ -1,7 +1,8 @@
 """Compiled backbones: a served model's backbone through `torch.compile` (inductor).
 
-The batch dimension is compiled dynamic, so a model compiles once for every batch size
-(size 1 gets a graph of its own: dynamo specialises it). On CPU this measured as fast as one
+The batch dimension is compiled dynamic, so a model compiles once for every batch size (a
+one-row batch is padded to two rows: dynamo specialises size 1, which would cost a second
+compile). On CPU this measured as fast as one
 static graph per size at a fraction of the compile time, and weights are frozen into the
 graph (inductor's `freezing`: constant-folded, prepacked for oneDNN; it keeps a second copy of
 the weights). On CUDA the compiled backbone also runs under CUDA graphs
@@ -37,6 +38,10 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
     return next((size for size in buckets if size >= rows), rows)
 
 
+# The fewest rows a compiled call gets (size 1 would specialise a graph of its own).
+MIN_ROWS = 2
+
+
 def pad_rows(tensor: torch.Tensor | None, size: int) -> torch.Tensor | None:
     """`tensor` with its first row repeated until it has `size` rows."""
     if tensor is None or tensor.shape[0] >= size:
@@ -61,9 +66,8 @@ class CompiledBackbone:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         rows = x.shape[0]
-        if self.buckets is not None:
-            size = bucket_for(rows, self.buckets)
-            x, t, y = pad_rows(x, size), pad_rows(t, size), pad_rows(y, size)
+        size = max(MIN_ROWS, rows if self.buckets is None else bucket_for(rows, self.buckets))
+        x, t, y = pad_rows(x, size), pad_rows(t, size), pad_rows(y, size)
         for value in (x, t, y):
             if value is not None:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
@@ -75,8 +79,10 @@ class CompiledBackbone:
 
     def warm_sizes(self) -> tuple[int, ...]:
         """Batch sizes whose first call compiles (or records) something: each bucket when
-        padding, else 1 and 2 (the size-1 graph and the dynamic one)."""
-        return self.buckets if self.buckets is not None else (1, 2)
+        padding (one-row calls share the two-row graph), else one dynamic size."""
+        if self.buckets is None:
+            return (MIN_ROWS,)
+        return tuple(size for size in self.buckets if size >= MIN_ROWS) or (MIN_ROWS,)
 
     @torch.inference_mode()
     def warm_up(self, example: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> float:

@@ -9,6 +9,7 @@ per-sample coefficients.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from denoised.models.sampling.samplers import step_batch
 from denoised.server.device import check_inputs
 from denoised.server.engine.compiled import compile_backbone
 from denoised.server.faults import Faults
+
+log = logging.getLogger("denoised.engine")
 
 
 @dataclass
@@ -47,16 +50,18 @@ class ModelRunner:
 
     def compile(self) -> float:
         """Compile (CUDA: and record) the backbone for every batch size it will see, before
-        serving; seconds taken (0 when not compiled)."""
+        serving; seconds taken (0 when not compiled). A backbone that does not compile (no
+        C++ compiler for inductor, an unsupported op) is served eager instead."""
         if self.compiled is None:
             return 0.0
         x, t, y = check_inputs(self.model)
-        example = (
-            x.to(self.device, self.dtype),
-            t.to(self.device),
-            None if y is None else y.to(self.device),
-        )
-        return self.compiled.warm_up(example)
+        y = None if y is None else y.to(self.device)
+        try:
+            return self.compiled.warm_up((x.to(self.device, self.dtype), t.to(self.device), y))
+        except Exception:
+            log.exception("compiling %s failed: serving it eager", self.model.name)
+            self.compiled, self._backbone = None, self.model.backbone
+            return 0.0
 
     @torch.inference_mode()
     def step(self, jobs: Sequence) -> StepOutcome:

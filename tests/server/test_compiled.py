@@ -22,6 +22,7 @@ from denoised.server.engine.compiled import (
 )
 from denoised.server.engine.jobs import JobResult
 from denoised.server.engine.loop import Engine
+from denoised.server.engine.runner import ModelRunner
 from denoised.server.metrics import Metrics
 from denoised.server.registry import load_registry
 from denoised.server.settings import Settings
@@ -105,9 +106,9 @@ def test_compiled_bf16_matches_eager_and_is_batch_invariant(registry):
 
 def test_compile_warm_up_covers_the_sizes_it_will_see(registry):
     loaded = registry.get("tiny-dit").loaded
-    assert compile_backbone(loaded.backbone, 64).warm_sizes() == (1, 2)
+    assert compile_backbone(loaded.backbone, 64).warm_sizes() == (2,)
     padded = CompiledBackbone(loaded.backbone, batch_buckets(4))
-    assert padded.warm_sizes() == (1, 2, 4)
+    assert padded.warm_sizes() == (2, 4)  # one row runs padded to two
     assert padded.warm_up(batch(loaded, 1)) > 0
 
 
@@ -126,3 +127,17 @@ def test_the_engine_serves_the_same_images_compiled(registry):
     for alone, together in zip(solo, results, strict=True):
         assert isinstance(together, JobResult), together
         np.testing.assert_allclose(together.pixels, alone.pixels, atol=1e-3, rtol=0)
+
+
+def test_a_backbone_that_fails_to_compile_is_served_eager(registry, monkeypatch):
+    def no_compiler(self, example):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(CompiledBackbone, "warm_up", no_compiler)
+    loaded = registry.get("tiny-dit").loaded
+    runner = ModelRunner(loaded, compiled=True)
+    assert runner.compile() == 0.0
+    assert runner.compiled is None
+    x, t, y = batch(loaded, 3)
+    with torch.inference_mode():
+        torch.testing.assert_close(runner._forward(x, t, y), loaded.backbone(x, t, y))
