@@ -60,14 +60,18 @@ def server(model: str, device: str, threads: int, *flags: str):
                 process.kill()
 
 
+# Warm-up compiles every model: minutes on a small shared CPU.
+READY_SECONDS = 900
+
+
 def wait_ready(process: subprocess.Popen, url: str, log) -> None:
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + READY_SECONDS
     while True:
         if process.poll() is not None:
             log.seek(0)
             raise RuntimeError(f"server exited: {log.read().decode()[-2000:]}")
         if time.monotonic() > deadline:
-            raise RuntimeError("server not ready after 300 s")
+            raise RuntimeError(f"server not ready after {READY_SECONDS} s")
         try:
             if httpx.get(url + "/ready", timeout=1).status_code == 200:
                 return

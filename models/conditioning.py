@@ -33,6 +33,14 @@ class TextContext:
     def rows(self) -> int:
         return self.tokens.shape[0]
 
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TextContext:
+        """On `device`, its embeddings in `dtype` (a backbone's own; the mask stays bool)."""
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        mask = None if self.mask is None else self.mask.to(device)
+        return TextContext(self.tokens.to(device, dtype), mask, pooled)
+
     def repeat_rows(self, n: int) -> TextContext:
         """Every row `n` times in a row (a request's n images share its prompt); a one-row
         context becomes views, not copies."""

@@ -38,6 +38,7 @@ class GenerationRequest:
     prompt: str | None = None  # a text model's prompt, or a class model's class name
     label: str | int | None = None  # a class model's class name or id (the native endpoint)
     negative_prompt: str | None = None  # text models: the unconditional rows' prompt
+    class_param: str = "label"  # the field this endpoint names a class by, for errors
     n: int = 1
     size: str | None = None
     sampler: str | None = None
@@ -130,7 +131,7 @@ def _class_request(model: ServedModel, request: GenerationRequest) -> tuple[str 
         raise FieldError("prompt", "give the class as label or as prompt, not both")
     if request.prompt is not None:
         return request.prompt, "prompt"
-    return request.label, "label"
+    return request.label, "label" if request.label is not None else request.class_param
 
 
 def _text_guidance(model: ServedModel, request: GenerationRequest) -> float:

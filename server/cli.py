@@ -45,7 +45,19 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
         help="requests waiting for their first step before new ones get 429 (default 256)",
     )
     add("--device", choices=DEVICES, help="default auto: cuda when available")
-    add("--dtype", choices=DTYPES, help="backbone dtype; auto: float32 on cpu, bfloat16 on cuda")
+    add(
+        "--dtype",
+        choices=DTYPES,
+        help="backbone dtype; auto (default): bfloat16 on cuda, and on a cpu with native bf16 "
+        "matmul (AMX, AVX512-BF16) for each model whose bf16 outputs stay within 3%% of "
+        "float32, else float32; float32 or bfloat16 force one [DENOISED_DTYPE]",
+    )
+    add(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="run backbones through torch.compile, compiled during warm-up (default on; "
+        "cuda: CUDA graphs per batch-size bucket); --no-compile: eager [DENOISED_COMPILE]",
+    )
     add(
         "--attention",
         choices=ATTENTION_BACKENDS,

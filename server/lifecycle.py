@@ -12,14 +12,10 @@ from typing import Literal
 import torch
 
 from denoised.kernels.backends import set_backends
+from denoised.server.device import resolve_device, settle_dtype
 from denoised.server.engine.loop import Engine
 from denoised.server.metrics import Metrics
-from denoised.server.registry import (
-    ModelRegistry,
-    default_model_dirs,
-    load_registry,
-    resolve_device,
-)
+from denoised.server.registry import ModelRegistry, default_model_dirs, load_registry
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")
@@ -53,7 +49,13 @@ class ServerState:
             dirs = list(self.settings.models) or default_model_dirs()
             log.info("loading %s on %s (%s)", ", ".join(map(str, dirs)), device, dtype)
             registry = load_registry(dirs, device, dtype, self.settings.model_roots)
-            engine = Engine(registry, self.settings, self.metrics, device, dtype)
+            for name, served in list(registry.models.items()):
+                try:
+                    settle_dtype(served.loaded, device, self.settings)
+                except Exception as exc:  # its forward fails: warm-up would drop it too
+                    log.exception("the dtype check of %s failed: not serving it", name)
+                    registry.drop(name, f"dtype check failed: {type(exc).__name__}: {exc}")
+            engine = Engine(registry, self.settings, self.metrics, device)
             if self.settings.warmup:
                 engine.warm_up()
             engine.start()

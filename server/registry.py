@@ -20,7 +20,6 @@ from denoised.models.checkpoints.model_dir import (
     load_model_dir,
 )
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
-from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.server")
 
@@ -48,19 +47,6 @@ class ModelUnavailable(LookupError):
 
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"model {name!r} is unavailable: it failed to load ({reason})")
-
-
-def resolve_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
-    """The device and backbone dtype the `device`/`dtype` settings ask for."""
-    name = settings.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    dtype_name = settings.dtype
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if name == "cuda" else "float32"
-    return torch.device(name), getattr(torch, dtype_name)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,13 @@ class Settings:
     models: tuple[str, ...] = ()  # model directories; empty: the shipped default models
     model_roots: tuple[str, ...] = ()  # if set, model directories must resolve inside these
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # backbone dtype; auto: float32 on cpu, bfloat16 on cuda
+    # Backbone dtype. auto: bfloat16 on cuda; on cpu bfloat16 where the CPU multiplies it
+    # natively (AMX, AVX512-BF16) and the model's outputs stay close (server/device.py),
+    # else float32.
+    dtype: str = "auto"
+    # Backbones through torch.compile (inductor; CUDA graphs per batch bucket on CUDA),
+    # compiled during warm-up (at the first forward without warm-up).
+    compile: bool = True
     threads: int = 0  # CPU threads for torch ops; 0: torch's default (one per core)
     attention: str = "auto"  # attention backend (kernels.backends): auto | triton | sdpa
     fused: str = "auto"  # fused elementwise kernels: auto | triton | reference

@@ -56,7 +56,9 @@ def launch(model_dirs, tmp_path_factory):
         for directory in [] if defaults else model_dirs:
             args += ["--model", directory]
         log = tmp_path_factory.mktemp("server") / "server.log"
-        env = {**os.environ, "DENOISED_THREADS": "1"}  # the CI machine is small and shared
+        # The CI machine is small and shared: one thread, and no compile (minutes per server
+        # there; tests/server/test_compiled.py covers the compiled path).
+        env = {**os.environ, "DENOISED_THREADS": "1", "DENOISED_COMPILE": "0"}
         with open(log, "w") as out:
             process = subprocess.Popen(
                 [*args, *flags], stdout=out, stderr=subprocess.STDOUT, env=env

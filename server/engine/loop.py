@@ -112,7 +112,6 @@ class Engine:
         settings: Settings,
         metrics: Metrics,
         device: torch.device,
-        dtype: torch.dtype,
         probe_after: int = PROBE_AFTER,
     ) -> None:
         """`probe_after`: successful iterations before a model's row limit, lowered after
@@ -126,7 +125,7 @@ class Engine:
             log.warning("fault injection is on (tests only): %s", faults)
         cache_bytes = int(settings.prompt_cache_mb * 2**20)
         self.runners = {
-            name: ModelRunner(m.loaded, dtype, faults, cache_bytes)
+            name: ModelRunner(m.loaded, faults, settings.compile, settings.max_batch, cache_bytes)
             for name, m in registry.models.items()
         }
         self.batcher = make_batcher(settings.batching, settings.max_batch)
@@ -205,8 +204,9 @@ class Engine:
 
     # ---- warm-up (before start) ------------------------------------------------------------
     def warm_up(self) -> None:
-        """One short guided generation per model: first-call costs are paid before /ready. A
-        model whose warm-up fails is dropped (listed as unavailable) and the others serve."""
+        """Per model: compile its backbone (with `compile`), then one short guided generation:
+        first-call costs are paid before /ready. A model whose warm-up fails is dropped
+        (listed as unavailable) and the others serve."""
         for name, served in list(self.registry.models.items()):
             try:
                 self._warm_up(name, served)
@@ -216,6 +216,9 @@ class Engine:
                 self.registry.drop(name, f"warm-up failed: {type(exc).__name__}: {exc}")
 
     def _warm_up(self, name: str, served: ServedModel) -> None:
+        seconds = self.runners[name].compile()
+        if seconds:
+            log.info("compiled %s in %.1f s", name, seconds)
         request = GenerationRequest(
             label=0 if served.num_classes else None,
             steps=2,

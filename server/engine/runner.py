@@ -9,6 +9,7 @@ per-sample coefficients.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,11 @@ from denoised.models.conditioning import Conditioning
 from denoised.models.sampling.samplers import step_batch
 from denoised.models.text.cache import PromptCache
 from denoised.models.text.prompts import EncodedPrompt
+from denoised.server.device import check_inputs
+from denoised.server.engine.compiled import compile_backbone
 from denoised.server.faults import Faults
+
+log = logging.getLogger("denoised.engine")
 
 
 @dataclass
@@ -34,19 +39,41 @@ class ModelRunner:
     def __init__(
         self,
         model: LoadedModel,
-        dtype: torch.dtype,
         faults: Faults | None = None,
+        compiled: bool = False,
+        max_batch: int = 64,
         prompt_cache_bytes: int = 0,
     ) -> None:
+        """`compiled`: run the backbone through `torch.compile` (`engine.compiled`), padded
+        to buckets up to `max_batch` rows where CUDA graphs replay it."""
         self.model = model
-        self.dtype = dtype
-        self.device = next(model.backbone.parameters()).device
+        weight = next(model.backbone.parameters())
+        self.device, self.dtype = weight.device, weight.dtype  # the dtype it was settled in
+        # Text models run eager: the compiled wrapper pads tensor inputs only.
+        compiled = compiled and model.text_dims is None
+        self.compiled = compile_backbone(model.backbone, max_batch) if compiled else None
+        self._backbone = self.compiled or model.backbone
         self._model_fn = (faults or Faults()).wrap(self._forward)
         # Text models: encoded prompts kept on the device for reuse (counted in the metrics).
         self.prompt_cache = PromptCache(prompt_cache_bytes) if model.text is not None else None
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return self.model.backbone(x.to(self.dtype), t, y)
+        return self._backbone(x.to(self.dtype), t, y)
+
+    def compile(self) -> float:
+        """Compile (CUDA: and record) the backbone for every batch size it will see, before
+        serving; seconds taken (0 when not compiled). A backbone that does not compile (no
+        C++ compiler for inductor, an unsupported op) is served eager instead."""
+        if self.compiled is None:
+            return 0.0
+        x, t, y = check_inputs(self.model)
+        y = None if y is None else y.to(self.device)
+        try:
+            return self.compiled.warm_up((x.to(self.device, self.dtype), t.to(self.device), y))
+        except Exception:
+            log.exception("compiling %s failed: serving it eager", self.model.name)
+            self.compiled, self._backbone = None, self.model.backbone
+            return 0.0
 
     def encode_prompts(self, jobs: Sequence) -> None:
         """Give text jobs their conditioning: every distinct prompt (and negative or empty
@@ -67,7 +94,7 @@ class ModelRunner:
             job.prompt_tokens, job.truncated = prompt.num_tokens, prompt.truncated
 
     def _text_input(self, prompt: EncodedPrompt):
-        context = prompt.context()
+        context = prompt.context().to(self.device, self.dtype)  # the backbone's dtype
         cache = getattr(self.model.backbone, "text_cache", None)
         return context if cache is None else cache(context)
 

@@ -81,7 +81,7 @@ shares one backbone forward per engine iteration (step-level batching).
 
 
 # The body fields admission reads (each endpoint's body has a subset of them).
-ADMITTED_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
+ADMITTED_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)} - {"class_param"}
 
 
 def _error_responses(*codes: int) -> dict:
@@ -325,7 +325,7 @@ async def _generate(
     request_id = request.state.request_id
     model = _served_model(registry, body.model, "model")
     fields = body.model_dump(include=ADMITTED_FIELDS)
-    wanted = GenerationRequest(**fields)
+    wanted = GenerationRequest(**fields, class_param="prompt" if openai_shape else "label")
     try:
         params, sampler_state = admit(model, wanted, server.settings, request_id, engine.device)
     except FieldError as exc:

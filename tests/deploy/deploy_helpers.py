@@ -91,7 +91,8 @@ def running_server(log_path: Path, **env: str) -> Iterator[str]:
     """`denoised serve` (the console script, default models) on a free loopback port; yields
     its base URL once /ready, and drains it with SIGTERM afterwards."""
     port = free_port()
-    environ = {**os.environ, "DENOISED_HOST": "127.0.0.1", "DENOISED_PORT": str(port), **env}
+    environ = {**os.environ, "DENOISED_HOST": "127.0.0.1", "DENOISED_PORT": str(port),
+               "DENOISED_COMPILE": "0", **env}  # fmt: skip
     exe = Path(sys.executable).with_name("denoised")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(exe), "serve"], env=environ, stdout=log, stderr=log)

@@ -32,8 +32,8 @@ def make_engine(registry):
     engines = []
 
     def make(probe_after: int = 64, **overrides) -> Engine:
-        settings = Settings(warmup=False, **overrides)
-        engine = Engine(registry, settings, Metrics(), CPU, torch.float32, probe_after)
+        settings = Settings(compile=False, warmup=False, **overrides)
+        engine = Engine(registry, settings, Metrics(), CPU, probe_after)
         engines.append(engine)
         return engine
 
@@ -76,7 +76,7 @@ MIXED = [
 
 def run_alone(registry, specs) -> list:
     """Every request run by itself (max_batch 1: nothing shares a forward), no faults."""
-    engine = Engine(registry, Settings(warmup=False, max_batch=1), Metrics(), CPU, torch.float32)
+    engine = Engine(registry, Settings(compile=False, warmup=False, max_batch=1), Metrics(), CPU)
     results = [asyncio.run(run_jobs(engine, [spec]))[0] for spec in specs]
     engine.stop()
     return results
@@ -217,7 +217,7 @@ def test_request_mode_batches_only_equal_parameters(make_engine):
 
 
 def test_warm_up_runs_every_model(registry):
-    engine = Engine(registry, Settings(), Metrics(), CPU, torch.float32)
+    engine = Engine(registry, Settings(compile=False), Metrics(), CPU)
     engine.warm_up()
     assert engine.idle
     assert set(registry.models) == {"tiny-dit", "tiny-flow", "tiny-latent"}
@@ -233,7 +233,7 @@ def test_a_model_that_fails_its_warm_up_is_dropped_and_the_others_serve(tmp_path
     with torch.no_grad():
         for param in registry.models["tiny-dit"].loaded.backbone.parameters():
             param.fill_(float("nan"))
-    engine = Engine(registry, Settings(), Metrics(), CPU, torch.float32)
+    engine = Engine(registry, Settings(compile=False), Metrics(), CPU)
     engine.warm_up()
     assert list(registry.models) == ["tiny-flow"] and registry.default == "tiny-flow"
     assert "warm-up failed" in registry.unavailable["tiny-dit"]
@@ -243,7 +243,7 @@ def test_a_model_that_fails_its_warm_up_is_dropped_and_the_others_serve(tmp_path
         for param in registry.models["tiny-flow"].loaded.backbone.parameters():
             param.fill_(float("nan"))
     with pytest.raises(RuntimeError, match="no model left to serve"):
-        Engine(registry, Settings(), Metrics(), CPU, torch.float32).warm_up()
+        Engine(registry, Settings(compile=False), Metrics(), CPU).warm_up()
 
 
 # Eight tiny-dit requests, half guided: 12 rows in all, so with oom_above_rows=6 a forward of

@@ -43,7 +43,9 @@ def ready_client(settings: Settings) -> TestClient:
 
 @pytest.fixture(scope="module")
 def client(model_dirs):
-    settings = Settings(models=model_dirs, max_n=4, max_steps=50, max_body_bytes=2048)
+    settings = Settings(
+        compile=False, models=model_dirs, max_n=4, max_steps=50, max_body_bytes=2048
+    )
     client = ready_client(settings)
     yield client
     client.__exit__(None, None, None)
@@ -257,7 +259,7 @@ def test_openapi_documents_both_endpoints_with_examples_and_errors(client):
 
 
 def test_api_keys_guard_everything_but_health_and_ready(model_dirs):
-    settings = Settings(models=model_dirs[:1], api_keys=("s3cret",), warmup=False)
+    settings = Settings(compile=False, models=model_dirs[:1], api_keys=("s3cret",), warmup=False)
     client = ready_client(settings)
     try:
         assert client.get("/health").status_code == 200
@@ -287,7 +289,9 @@ def ready_gauge(client: TestClient) -> float:
 
 
 def test_strict_readiness_is_503_naming_the_failed_model_while_the_others_serve(with_broken):
-    client = loaded_client(Settings(models=with_broken, warmup=False))  # strict by default
+    client = loaded_client(
+        Settings(compile=False, models=with_broken, warmup=False)
+    )  # strict by default
     try:
         ready = client.get("/ready")
         assert ready.status_code == 503
@@ -308,7 +312,9 @@ def test_strict_readiness_is_503_naming_the_failed_model_while_the_others_serve(
 
 
 def test_without_strict_readiness_a_partly_loaded_server_is_ready(with_broken):
-    client = ready_client(Settings(models=with_broken, warmup=False, strict_readiness=False))
+    client = ready_client(
+        Settings(compile=False, models=with_broken, warmup=False, strict_readiness=False)
+    )
     try:
         body = client.get("/ready").json()
         assert (body["ready"], body["status"]) == (True, "ready")

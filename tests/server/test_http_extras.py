@@ -23,7 +23,7 @@ def test_head_on_health_and_ready_answers_like_get_without_a_body(server):
 
 
 def test_head_on_ready_is_503_while_draining_and_health_stays_200(model_dirs):
-    app = create_app(Settings(models=tuple(model_dirs[:1]), warmup=False))
+    app = create_app(Settings(compile=False, models=tuple(model_dirs[:1]), warmup=False))
     with TestClient(app) as client:
         wait_for(lambda: client.get("/ready").status_code == 200, 60, "the model to load")
         assert client.head("/ready").status_code == 200

@@ -24,12 +24,15 @@ CONTRACT = {
     "denoised_device_memory_bytes": ("gauge", {"device"}),
     "denoised_ready": ("gauge", set()),
     "denoised_http_responses": ("counter", {"route", "code"}),
+    "denoised_prompt_cache_hits": ("counter", {"model"}),
+    "denoised_prompt_cache_misses": ("counter", {"model"}),
 }
 
 
 def test_exposition_has_exactly_the_contracted_families_and_labels():
     metrics = Metrics()
     metrics.register_model("m", ("ddim",))
+    metrics.register_text_model("m")
     metrics.requests.labels(model="m", sampler="ddim", status="ok").inc()
     for histogram in (
         metrics.request_duration,

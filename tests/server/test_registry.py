@@ -77,7 +77,7 @@ def test_a_label_outside_the_class_ids_names_the_range(preset, label, words):
 
 def test_a_preset_generates_by_class_id_with_guidance(preset_registry, preset):
     """Through the engine (VAE decoding included): the id and the scale both reach it."""
-    engine = Engine(preset_registry, Settings(warmup=False), Metrics(), CPU, torch.float32)
+    engine = Engine(preset_registry, Settings(compile=False, warmup=False), Metrics(), CPU)
 
     async def generate(label, guidance_scale):
         request = GenerationRequest(label=label, steps=2, seed=0, guidance_scale=guidance_scale)
@@ -120,7 +120,9 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(dirs):
     """Warm-up on: it used to run the bad model's defaults and fail the whole server."""
-    settings = Settings(models=(str(dirs["named"]), str(dirs["ids"]), str(dirs["bad"])))
+    settings = Settings(
+        compile=False, models=(str(dirs["named"]), str(dirs["ids"]), str(dirs["bad"]))
+    )
     client = TestClient(create_app(settings))
     with client:
         deadline = time.monotonic() + 60
@@ -213,7 +215,7 @@ def test_a_conditional_model_without_a_null_class_needs_a_label(tmp_path):
     assert guided.value.param == "guidance_scale"
     params = prepare(served, 2)
     assert (params.label, params.guidance_scale, params.guided) == (2, 1.0, False)
-    Engine(registry, Settings(), Metrics(), CPU, torch.float32).warm_up()
+    Engine(registry, Settings(compile=False), Metrics(), CPU).warm_up()
     assert list(registry.models) == ["no-null"] and not registry.unavailable
 
 
