@@ -151,7 +151,7 @@ def test_unicode_prompt_on_the_openai_endpoint(server):
         response = post(server, {"prompt": prompt}, path="/v1/images/generations")
         assert_named_error(response, 422, "prompt", "unknown class")
     too_long = post(server, {"prompt": "x" * 5000}, path="/v1/images/generations")
-    assert_named_error(too_long, 422, "prompt", "at most 1000")
+    assert_named_error(too_long, 422, "prompt", "at most 4000")
 
 
 def test_oversized_bodies_are_413_announced_or_streamed(server):
