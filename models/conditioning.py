@@ -45,12 +45,12 @@ class TextContext:
         """Every row `n` times in a row (a request's n images share its prompt); a one-row
         context becomes views, not copies."""
 
-        def repeat(t: Tensor | None) -> Tensor | None:
-            if t is None:
-                return None
+        def repeat(t: Tensor) -> Tensor:
             return t.expand(n, *t.shape[1:]) if self.rows == 1 else t.repeat_interleave(n, 0)
 
-        return TextContext(repeat(self.tokens), repeat(self.mask), repeat(self.pooled))
+        mask = None if self.mask is None else repeat(self.mask)
+        pooled = None if self.pooled is None else repeat(self.pooled)
+        return TextContext(repeat(self.tokens), mask, pooled)
 
     @classmethod
     def cat(cls, parts: Sequence[TextContext]) -> TextContext:
@@ -69,7 +69,9 @@ class TextContext:
                 mask = part.tokens.new_ones(part.tokens.shape[:2], dtype=torch.bool)
             masks.append(F.pad(mask, (0, missing), value=False))
         no_mask = same_length and all(part.mask is None for part in parts)
-        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        pooled = None
+        if parts[0].pooled is not None:  # then every part's is (checked above)
+            pooled = torch.cat([p.pooled for p in parts if p.pooled is not None])
         return cls(torch.cat(tokens), None if no_mask else torch.cat(masks), pooled)
 
 
@@ -88,9 +90,13 @@ ModelInput = Tensor | RowInputs  # one row per backbone row: class ids, or encod
 
 def stack_inputs(parts: Sequence[ModelInput]) -> ModelInput:
     """Several states' model inputs as one forward's, rows in order."""
-    if isinstance(parts[0], Tensor):
-        return torch.cat(list(parts))
-    return type(parts[0]).cat(parts)
+    first = parts[0]
+    if isinstance(first, Tensor):
+        tensors = [part for part in parts if isinstance(part, Tensor)]
+        if len(tensors) != len(parts):
+            raise TypeError("class ids and other model inputs do not stack into one forward")
+        return torch.cat(tensors)
+    return type(first).cat(parts)
 
 
 def guides(scale: float) -> bool:

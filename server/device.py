@@ -130,7 +130,8 @@ def settle_dtype(
     dtype = next(loaded.backbone.parameters()).dtype
     if settings.dtype != "auto" or device.type != "cpu" or not native_bf16(flags):
         return dtype
-    x, t, y = (None if v is None else v.to(device) for v in check_inputs(loaded))
+    x, t, y = check_inputs(loaded)
+    x, t, y = x.to(device), t.to(device), None if y is None else y.to(device)
     used = loaded.out_channels_used
     backbone = _bf16_if_close(
         f"{loaded.name} backbone",

@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+from denoised.models.conditioning import ModelInput
+
+Forward = Callable[[torch.Tensor, torch.Tensor, ModelInput | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Faults:
             return forward
         oom_fired = 0
 
-        def faulty(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        def faulty(x: torch.Tensor, t: torch.Tensor, y: ModelInput | None) -> torch.Tensor:
             nonlocal oom_fired
             if self.forward_delay is not None:
                 time.sleep(self.forward_delay)
@@ -59,11 +61,17 @@ class Faults:
                 raise torch.OutOfMemoryError(
                     f"injected: {x.shape[0]} rows > oom_above_rows={self.oom_above_rows}"
                 )
-            if self.raise_label is not None and y is not None and (y == self.raise_label).any():
+            # Label faults act on class ids only: a text model's rows have none.
+            labels = y if isinstance(y, torch.Tensor) else None
+            if (
+                self.raise_label is not None
+                and labels is not None
+                and (labels == self.raise_label).any()
+            ):
                 raise RuntimeError(f"injected: a row has label {self.raise_label}")
             out = forward(x, t, y)
-            if self.nan_label is not None and y is not None:
-                rows = (y == self.nan_label).view(-1, *([1] * (out.dim() - 1)))
+            if self.nan_label is not None and labels is not None:
+                rows = (labels == self.nan_label).view(-1, *([1] * (out.dim() - 1)))
                 out = out.masked_fill(rows, float("nan"))
             return out
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -22,6 +23,9 @@ from denoised.models.checkpoints.model_dir import (
 from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
 
 log = logging.getLogger("denoised.server")
+
+# What a model's requests condition on: a text prompt, a class label, or nothing.
+ConditioningKind = Literal["text", "class", "none"]
 
 
 def default_model_dirs() -> list[Path]:
@@ -85,7 +89,7 @@ class ServedModel:
         return {f"{side}x{side}": (channels, height, width)}
 
     @property
-    def conditioning(self) -> str:
+    def conditioning(self) -> ConditioningKind:
         """What requests condition on: `text` (a prompt), `class` (a label) or `none`."""
         if self.loaded.text is not None:
             return "text"

@@ -139,7 +139,9 @@ class DownBlock(nn.Module):
             ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb, groups, eps)
             for i in range(layers)
         )
-        self.attentions = nn.ModuleList(attention() for _ in range(layers if attention else 0))
+        self.attentions = nn.ModuleList(
+            [] if attention is None else [attention() for _ in range(layers)]
+        )
         self.downsamplers = nn.ModuleList(
             [] if downsample_padding is None else [Downsample(out_ch, downsample_padding)]
         )
@@ -188,7 +190,9 @@ class UpBlock(nn.Module):
             )
             for i in range(layers)
         )
-        self.attentions = nn.ModuleList(attention() for _ in range(layers if attention else 0))
+        self.attentions = nn.ModuleList(
+            [] if attention is None else [attention() for _ in range(layers)]
+        )
         self.upsamplers = nn.ModuleList([Upsample(out_ch)] if upsample else [])
 
     def forward(

@@ -22,7 +22,7 @@ process's "rf" convention, `FlowProcess(convention="rf")`); the output is the ve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,11 @@ class MMDiTConfig(Architecture):
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def output_channels(self) -> int:
+        """`out_channels` resolved (`__post_init__` sets None to `in_channels`)."""
+        return self.in_channels if self.out_channels is None else self.out_channels
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MMDiTConfig:
         """From a model directory's `architecture` or diffusers' `transformer/config.json`
@@ -113,8 +118,11 @@ class CroppedPatchEmbed(PatchEmbed):
     with `pos_embed_max_size`). The table is stored in checkpoints, so it is a buffer that
     loads like a weight (and is not computed on the meta device, where loading builds)."""
 
+    pos_embed: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, c: MMDiTConfig):
         super().__init__(c.in_channels, c.inner_dim, c.patch_size)
+        self.patch_size = c.patch_size
         side = self.max_size = c.pos_embed_max_size
         table = torch.empty(1, side * side, c.inner_dim)
         if not table.is_meta:
@@ -124,7 +132,8 @@ class CroppedPatchEmbed(PatchEmbed):
             table.copy_(sincos_2d(c.inner_dim, side, side, spacing)[None])
         self.register_buffer("pos_embed", table)
 
-    def forward(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid_h, grid_w = patch_grid(x, self.patch_size)
         m = self.max_size
         if grid_h > m or grid_w > m:
             raise ValueError(
@@ -206,7 +215,7 @@ class Attention(nn.Module):
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.norm_q, self.norm_k = norm(), norm()
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.to_add_out = None
+        self.to_add_out: nn.Linear | None = None
         if added_kv:
             self.add_q_proj, self.add_k_proj, self.add_v_proj = (
                 nn.Linear(dim, dim) for _ in range(3)
@@ -232,14 +241,14 @@ class Attention(nn.Module):
         q = self._heads(self.to_q(x), self.norm_q)
         k = self._heads(self.to_k(x), self.norm_k)
         v = self._heads(self.to_v(x))
-        text_out = context is not None and self.to_add_out is not None
+        text_out = self.to_add_out if context is not None else None
         if context is not None:
             k = torch.cat([k, self._heads(self.add_k_proj(context), self.norm_added_k)], dim=2)
             v = torch.cat([v, self._heads(self.add_v_proj(context))], dim=2)
-            if text_out:
+            if text_out is not None:
                 q = torch.cat([q, self._heads(self.add_q_proj(context), self.norm_added_q)], 2)
         out = attention(q, k, v, mask).transpose(1, 2).reshape(b, -1, d)
-        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:]) if text_out else None
+        return self.to_out[0](out[:, :n]), None if text_out is None else text_out(out[:, n:])
 
 
 class FeedForward(nn.Module):
@@ -253,7 +262,8 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        proj = cast(nn.Linear, self.net[0].proj)
+        return self.net[2](F.gelu(proj(x), approximate="tanh"))
 
 
 class JointTransformerBlock(nn.Module):
@@ -303,7 +313,7 @@ class JointTransformerBlock(nn.Module):
             x, gate_msa, branch, shift_mlp, scale_mlp, NORM_EPS
         )
         x = gate_residual(x, gate_mlp, self.ff(h))
-        if self.context_pre_only:
+        if self.ff_context is None:  # context_pre_only: no text tokens out
             return x, None
         context, h_context = gate_residual_layer_norm_modulate(
             context, c_gate_msa, context_branch, c_shift_mlp, c_scale_mlp, NORM_EPS
@@ -330,17 +340,17 @@ class MMDiT(nn.Module):
             for i in range(c.num_layers)
         )
         self.norm_out = AdaLayerNormContinuous(dim)
-        self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * c.out_channels)
+        self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * c.output_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: TextContext) -> torch.Tensor:
         """`x: [B, C, H, W]` latents, `t: [B]` diffusers' timestep (1000·σ), `y` the prompts'
         encodings: `tokens [B, L, joint_attention_dim]`, `pooled [B, pooled_projection_dim]`
         (required) and `mask [B, L]` (optional: False marks padding no token attends to).
         Returns the velocity `[B, out_channels, H, W]`."""
-        self._check_context(y, x.shape[0])
+        pooled = self._check_context(y, x.shape[0])
         grid_h, grid_w = patch_grid(x, self.config.patch_size)
-        tokens = self.pos_embed(x, grid_h, grid_w)
-        c = self.time_text_embed(t, y.pooled.to(x.dtype))
+        tokens = self.pos_embed(x)
+        c = self.time_text_embed(t, pooled.to(x.dtype))
         context = self.context_embedder(y.tokens.to(x.dtype))
         mask = None
         if y.mask is not None:  # image tokens are never padding
@@ -348,9 +358,10 @@ class MMDiT(nn.Module):
         for block in self.transformer_blocks:
             tokens, context = block(tokens, context, c, mask)
         out = self.proj_out(self.norm_out(tokens, c))
-        return unpatchify(out, grid_h, grid_w, self.config.patch_size, self.config.out_channels)
+        return unpatchify(out, grid_h, grid_w, self.config.patch_size, self.config.output_channels)
 
-    def _check_context(self, y: TextContext | None, batch: int) -> None:
+    def _check_context(self, y: TextContext | None, batch: int) -> torch.Tensor:
+        """`y.pooled`, once `y` is checked to fit a `batch`-row forward (ValueError if not)."""
         c = self.config
         if not isinstance(y, TextContext) or y.pooled is None:
             raise ValueError("MMDiT needs y = TextContext(tokens, mask, pooled) with pooled set")
@@ -371,3 +382,4 @@ class MMDiT(nn.Module):
                 f"TextContext.mask must be bool {tuple(y.tokens.shape[:2])}, got "
                 f"{y.mask.dtype} {tuple(y.mask.shape)}"
             )
+        return y.pooled

@@ -189,17 +189,19 @@ class CrossAttentionCache:
             pad = [0, 0] * (t.ndim - 1 - dim) + [0, length - t.shape[dim]]
             return F.pad(t, pad)
 
-        kv = tuple(
-            tuple(torch.cat([padded(c.kv[i][j], 2) for c in caches]) for j in (0, 1))
-            for i in range(len(caches[0].kv))
-        )
+        def joined(i: int, j: int) -> torch.Tensor:
+            return torch.cat([padded(c.kv[i][j], 2) for c in caches])
+
+        kv = tuple((joined(i, 0), joined(i, 1)) for i in range(len(caches[0].kv)))
         if all(c.mask is None and c.length == length for c in caches):
             return cls(kv)
         return cls(kv, torch.cat([padded(c.full_mask(), 1) for c in caches]))
 
     def repeat_rows(self, n: int) -> CrossAttentionCache:
         """Every row `n` times in a row (a request's n images share its prompt)."""
-        kv = tuple(tuple(t.repeat_interleave(n, dim=0) for t in pair) for pair in self.kv)
+        kv = tuple(
+            (k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0)) for k, v in self.kv
+        )
         mask = None if self.mask is None else self.mask.repeat_interleave(n, dim=0)
         return CrossAttentionCache(kv, mask)
 
@@ -291,6 +293,8 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear = c.use_linear_projection
         self.norm = nn.GroupNorm(c.norm_num_groups, channels, eps=1e-6)
+        self.proj_in: nn.Linear | nn.Conv2d
+        self.proj_out: nn.Linear | nn.Conv2d
         if self.linear:
             self.proj_in = nn.Linear(channels, channels)
             self.proj_out = nn.Linear(channels, channels)

@@ -93,8 +93,9 @@ class TextConditioner:
         """One `EncodedPrompt` per prompt. The distinct prompts `cache` does not hold are
         encoded together, one call per encoder, and put into it."""
         distinct = list(dict.fromkeys(prompts))
-        found = {p: cache.get(p) for p in distinct} if cache is not None else {}
-        new = [p for p in distinct if found.get(p) is None]
+        cached = {p: cache.get(p) for p in distinct} if cache is not None else {}
+        found = {p: encoded for p, encoded in cached.items() if encoded is not None}
+        new = [p for p in distinct if p not in found]
         if new:
             with torch.inference_mode():
                 tokens, pooled = self._encode(new)
@@ -205,6 +206,8 @@ class StableDiffusion3Text(TextConditioner):
             pooled.append(out[0])
             hidden.append(out.hidden_states[-2])
         if self.t5 is None:
+            # `load` sets zeros_width whenever the pipeline has no T5.
+            assert self.zeros_width is not None
             t5 = torch.zeros(
                 len(prompts),
                 self.max_sequence_length,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 import transformers
@@ -96,6 +97,30 @@ def load_encoder(
     return model.to(device).eval().requires_grad_(False)
 
 
+@overload
+def load_text_pair(
+    path: Path,
+    index: dict,
+    suffix: str,
+    tokenizers: tuple[str, ...],
+    encoders: tuple[str, ...],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    required: Literal[True] = True,
+) -> tuple[PreTrainedTokenizerBase, nn.Module]: ...
+@overload
+def load_text_pair(
+    path: Path,
+    index: dict,
+    suffix: str,
+    tokenizers: tuple[str, ...],
+    encoders: tuple[str, ...],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    required: bool,
+) -> tuple[PreTrainedTokenizerBase, nn.Module] | None: ...
+
+
 def load_text_pair(
     path: Path,
     index: dict,
@@ -112,9 +137,10 @@ def load_text_pair(
     encoder_cls = component_class(index, "text_encoder" + suffix, encoders)
     if tokenizer_cls is None and encoder_cls is None and not required:
         return None
-    for name, cls in (("tokenizer", tokenizer_cls), ("text_encoder", encoder_cls)):
-        if cls is None:
-            raise ValueError(f"{path / 'model_index.json'} names no {name}{suffix}")
+    if tokenizer_cls is None:
+        raise ValueError(f"{path / 'model_index.json'} names no tokenizer{suffix}")
+    if encoder_cls is None:
+        raise ValueError(f"{path / 'model_index.json'} names no text_encoder{suffix}")
     return (
         load_tokenizer(path, "tokenizer" + suffix, tokenizer_cls),
         load_encoder(path, "text_encoder" + suffix, encoder_cls, device, dtype),

@@ -17,12 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import overload
 
 import torch
 
+from denoised.models.conditioning import ModelInput
+
 log = logging.getLogger("denoised.engine")
 
-Backbone = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+Backbone = Callable[[torch.Tensor, torch.Tensor, ModelInput | None], torch.Tensor]
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -40,6 +43,14 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
 
 # The fewest rows a compiled call gets (size 1 would specialise a graph of its own).
 MIN_ROWS = 2
+
+
+@overload
+def pad_rows(tensor: torch.Tensor, size: int) -> torch.Tensor: ...
+@overload
+def pad_rows(tensor: None, size: int) -> None: ...
+@overload
+def pad_rows(tensor: torch.Tensor | None, size: int) -> torch.Tensor | None: ...
 
 
 def pad_rows(tensor: torch.Tensor | None, size: int) -> torch.Tensor | None:
@@ -64,7 +75,9 @@ class CompiledBackbone:
         else:
             self._fn = torch.compile(backbone, options={"freezing": True})
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: ModelInput | None) -> torch.Tensor:
+        # Text models run eager (`ModelRunner`): a compiled backbone takes class ids or nothing.
+        assert y is None or isinstance(y, torch.Tensor)
         rows = x.shape[0]
         size = max(MIN_ROWS, rows if self.buckets is None else bucket_for(rows, self.buckets))
         x, t, y = pad_rows(x, size), pad_rows(t, size), pad_rows(y, size)
@@ -88,8 +101,13 @@ class CompiledBackbone:
     def warm_up(self, example: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> float:
         """Call once at every `warm_sizes` size (rows of `example` repeated); seconds taken."""
         started = time.perf_counter()
+        x, t, y = example
         for size in self.warm_sizes():
-            self(*(None if v is None else pad_rows(v[:1], size) for v in example))
+            self(
+                pad_rows(x[:1], size),
+                pad_rows(t[:1], size),
+                None if y is None else pad_rows(y[:1], size),
+            )
         return time.perf_counter() - started
 
 

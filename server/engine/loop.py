@@ -268,6 +268,7 @@ class Engine:
         for model, group in pending.items():
             runner = self.runners[model]
             cache = runner.prompt_cache
+            assert cache is not None  # only text jobs come without conditioning (admission)
             hits, misses = cache.hits, cache.misses
             try:
                 runner.encode_prompts(group)

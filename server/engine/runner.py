@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from denoised.models.checkpoints.model_dir import LoadedModel
-from denoised.models.conditioning import Conditioning
+from denoised.models.conditioning import Conditioning, ModelInput, RowInputs, TextContext
 from denoised.models.sampling.samplers import step_batch
 from denoised.models.text.cache import PromptCache
 from denoised.models.text.prompts import EncodedPrompt
@@ -57,7 +57,7 @@ class ModelRunner:
         # Text models: encoded prompts kept on the device for reuse (counted in the metrics).
         self.prompt_cache = PromptCache(prompt_cache_bytes) if model.text is not None else None
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: ModelInput | None) -> torch.Tensor:
         return self._backbone(x.to(self.dtype), t, y)
 
     def compile(self) -> float:
@@ -67,6 +67,7 @@ class ModelRunner:
         if self.compiled is None:
             return 0.0
         x, t, y = check_inputs(self.model)
+        assert not isinstance(y, TextContext)  # text models are not compiled (`__init__`)
         y = None if y is None else y.to(self.device)
         try:
             return self.compiled.warm_up((x.to(self.device, self.dtype), t.to(self.device), y))
@@ -81,6 +82,7 @@ class ModelRunner:
         A backbone with a cross-attention cache gets that instead of the encoded tokens: its
         text K/V are then computed once per request, not once per step."""
         text = self.model.text
+        assert text is not None  # the engine encodes prompts for text models only
         texts = [job.params.prompt for job in jobs]
         texts += [job.params.negative_prompt or "" for job in jobs if job.params.guided]
         encoded = dict(zip(texts, text.encode(texts, self.prompt_cache), strict=True))
@@ -93,7 +95,7 @@ class ModelRunner:
             )
             job.prompt_tokens, job.truncated = prompt.num_tokens, prompt.truncated
 
-    def _text_input(self, prompt: EncodedPrompt):
+    def _text_input(self, prompt: EncodedPrompt) -> RowInputs:
         context = prompt.context().to(self.device, self.dtype)  # the backbone's dtype
         cache = getattr(self.model.backbone, "text_cache", None)
         return context if cache is None else cache(context)

@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from denoised.models.checkpoints.model_dir import MAX_GUIDANCE_SCALE
 from denoised.models.sampling.samplers import SAMPLER_NAMES
 from denoised.server.imaging import OutputFormat
+from denoised.server.registry import ConditioningKind
 
 if TYPE_CHECKING:  # the sampler names are known only at run time
     SamplerName = str
@@ -331,7 +332,7 @@ class ModelCard(BaseModel):
     num_classes: int | None = Field(
         None, description="Classes (ids 0..num_classes−1), or null if unconditional"
     )
-    conditioning: Literal["text", "class", "none"] = Field(
+    conditioning: ConditioningKind = Field(
         description="What requests condition on: a text prompt, a class label, or nothing"
     )
     max_prompt_tokens: int | None = Field(
