@@ -8,6 +8,9 @@
 
     python benchmarks/engine_batching.py                 # the shipped default model
     python benchmarks/engine_batching.py --model DIR --device cuda
+    python benchmarks/engine_batching.py --model models/zoo/shapes-text   # a text model
+
+A text model gets prompts of four lengths (the empty one among them), a class model labels.
 
 Every figure is measured in this run; ratios are against the baselines of this run.
 """
@@ -80,12 +83,25 @@ def wait_ready(process: subprocess.Popen, url: str, log) -> None:
         time.sleep(0.2)
 
 
-def body(steps: int, seed: int) -> dict:
-    return {"label": str(seed % 10), "sampler": "dpmpp-2m", "steps": steps,
-            "guidance_scale": 2.0, "seed": seed}  # fmt: skip
+# Prompts of different lengths (the empty one too) for text models.
+PROMPTS = ("a red circle", "a small blue square on the left", "", "a green triangle above a "
+           "yellow circle")  # fmt: skip
 
 
-async def closed_loop(url: str, workers: list[int], warmup: float, seconds: float) -> list:
+def body(steps: int, seed: int, text: bool) -> dict:
+    condition = {"prompt": PROMPTS[seed % len(PROMPTS)]} if text else {"label": str(seed % 10)}
+    return {**condition, "sampler": "dpmpp-2m", "steps": steps, "guidance_scale": 2.0,
+            "seed": seed}  # fmt: skip
+
+
+def is_text_model(url: str) -> bool:
+    """Whether the server's (first) model is conditioned on text prompts."""
+    return httpx.get(url + "/v1/models").json()["data"][0]["conditioning"] == "text"
+
+
+async def closed_loop(
+    url: str, workers: list[int], warmup: float, seconds: float, text: bool
+) -> list:
     """Each worker sends requests of its step count back to back. Returns (steps, latency)
     of the requests that started after `warmup` seconds and ended inside the `seconds` window
     that follows, and the number of requests that ended inside it (for throughput)."""
@@ -98,7 +114,7 @@ async def closed_loop(url: str, workers: list[int], warmup: float, seconds: floa
         seed = index * 100_000
         while time.perf_counter() < window[1]:
             started = time.perf_counter()
-            response = await client.post("/v1/generate", json=body(steps, seed))
+            response = await client.post("/v1/generate", json=body(steps, seed, text))
             response.raise_for_status()
             records.append((steps, started, time.perf_counter()))
             seed += 1
@@ -110,13 +126,16 @@ async def closed_loop(url: str, workers: list[int], warmup: float, seconds: floa
     return measured, len(ended)
 
 
-def throughput(url: str, concurrency: int, steps: int, warmup: float, seconds: float) -> float:
-    _, finished = asyncio.run(closed_loop(url, [steps] * concurrency, warmup, seconds))
+def throughput(
+    url: str, concurrency: int, steps: int, warmup: float, seconds: float, text: bool
+) -> float:
+    _, finished = asyncio.run(closed_loop(url, [steps] * concurrency, warmup, seconds, text))
     return finished / seconds
 
 
-def short_p50(url: str, clients: int, warmup: float, seconds: float) -> float:
-    measured, _ = asyncio.run(closed_loop(url, [10, 50] * (clients // 2), warmup, seconds))
+def short_p50(url: str, clients: int, warmup: float, seconds: float, text: bool) -> float:
+    workers = [10, 50] * (clients // 2)
+    measured, _ = asyncio.run(closed_loop(url, workers, warmup, seconds, text))
     return statistics.median([latency for steps, latency in measured if steps == 10])
 
 
@@ -160,21 +179,23 @@ def main() -> None:
             mode: stack.enter_context(server(model, args.device, args.threads, *flags))
             for mode, flags in modes.items()
         }
+        text = is_text_model(urls["step"])
         rates = {
             c: alternate(
-                lambda url, c=c: throughput(url, c, args.steps, args.warmup, args.seconds),
+                lambda url, c=c: throughput(url, c, args.steps, args.warmup, args.seconds, text),
                 {m: urls[m] for m in ("step", "single")},
                 args.rounds,
             )
             for c in (1, 8, 32)
         }
         p50 = alternate(
-            lambda url: short_p50(url, args.mixed_clients, args.warmup, args.seconds),
+            lambda url: short_p50(url, args.mixed_clients, args.warmup, args.seconds, text),
             {m: urls[m] for m in ("step", "request")},
             args.rounds,
         )
 
-    print(f"Throughput, images/s ({args.steps}-step guided requests, closed loop; "
+    kind = "text prompts of 4 lengths" if text else "class labels"
+    print(f"Throughput, images/s ({args.steps}-step guided requests on {kind}, closed loop; "
           f"median of {args.rounds})")  # fmt: skip
     print("| concurrency | step-level | --max-batch 1 | ratio |\n|---|---|---|---|")
     for c, r in rates.items():
