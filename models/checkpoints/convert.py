@@ -8,6 +8,10 @@ Sources:
   `scheduler/`): the transformer's per-attention q/k/v are joined into one projection and its
   per-block copies of the timestep/label embedders must be equal (one copy is kept).
 * a diffusers `DDPMPipeline` folder (`unet/`, `scheduler/`).
+* a diffusers `StableDiffusionPipeline` (SD 1.x/2.x; Rombach et al., 2022) or
+  `StableDiffusion3Pipeline` (Esser et al., 2024) folder: `unet/` or `transformer/` loads as
+  it is, `vae/` becomes the decoder, the text encoders and tokenizers are copied into the
+  model directory's `text/`.
 
 The scheduler config becomes the model's process definition and `id2label` its class names
 (unless class names are given). The output directory must be new or empty unless `force`.
@@ -20,17 +24,19 @@ import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from denoised.models.backbones.dit import DIT_SIZES, DiT, DiTConfig
 from denoised.models.backbones.embeddings import sincos_2d
 from denoised.models.backbones.unet import UNet, UNetConfig
-from denoised.models.backbones.unet_text import UNetText, UNetTextConfig
 from denoised.models.backbones.vae import VAEConfig, VAEDecoder, vae_decoder_state_dict
 from denoised.models.checkpoints.model_dir import (
+    BACKBONES,
     load_weights,
     read_json_object,
     read_safetensors,
@@ -478,6 +484,15 @@ def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in DIFFUSERS_WEIGHTS:
         if (folder / name).is_file():
             return read_safetensors(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():  # sharded (SD3.5-large's transformer): the index names each file
+            shards = read_json_object(index).get("weight_map")
+            if not isinstance(shards, dict):
+                raise ValueError(f"{index} lacks its weight_map")
+            state = {}
+            for shard in sorted(set(shards.values())):
+                state.update(read_safetensors(folder / shard))
+            return state
     pickles = sorted(folder.glob("*.bin"))
     if pickles:
         try:
@@ -500,14 +515,115 @@ def read_diffusers_vae(folder: Path) -> VAEDecoder:
     return vae
 
 
-def read_diffusers_unet_text(folder: Path) -> UNetText:
-    """A diffusers `UNet2DConditionModel` folder (a Stable Diffusion pipeline's `unet/`:
-    config.json + weights), its tensors in the file's dtype."""
-    config = UNetTextConfig.from_dict(read_json_object(folder / "config.json"))
+def read_diffusers_backbone(folder: Path, family: str) -> nn.Module:
+    """A diffusers model folder (config.json + weights) as the backbone of `family`, whose
+    config class reads diffusers' config as it is ("unet-text": a Stable Diffusion pipeline's
+    `unet/`, "mmdit": an SD3 pipeline's `transformer/`); its tensors in the file's dtype."""
+    module_cls, config_cls = BACKBONES[family]
+    config = config_cls.from_dict(read_json_object(folder / "config.json"))
     with torch.device("meta"):  # the file's tensors become the parameters
-        unet = UNetText(config)
-    load_weights(unet, _diffusers_weights(folder), f"unet in {folder}")
-    return unet
+        backbone = module_cls(config)
+    load_weights(backbone, _diffusers_weights(folder), f"{folder.name} in {folder.parent}")
+    return backbone
+
+
+@dataclass(frozen=True)
+class TextPipeline:
+    """How a text-to-image pipeline class converts: its backbone component, the family that
+    reads it, the process type its scheduler must give, and the pipeline's own
+    `num_inference_steps` and `guidance_scale` defaults, which become the serving defaults."""
+
+    backbone: str
+    backbone_class: str
+    family: str
+    process: str
+    steps: int
+    guidance_scale: float
+
+
+TEXT_PIPELINES = {
+    # diffusers 0.42.1 StableDiffusionPipeline.__call__: num_inference_steps=50,
+    # guidance_scale=7.5.
+    "StableDiffusionPipeline": TextPipeline(
+        "unet", "UNet2DConditionModel", "unet-text", "vp", 50, 7.5
+    ),
+    # StableDiffusion3Pipeline.__call__: num_inference_steps=28, guidance_scale=7.0.
+    "StableDiffusion3Pipeline": TextPipeline(
+        "transformer", "SD3Transformer2DModel", "mmdit", "flow", 28, 7.0
+    ),
+}
+# Components a text pipeline may name that are not converted: SD's safety checker (a filter on
+# decoded images) and its image processor. Any other component beyond the backbone, VAE,
+# scheduler and text parts (an IP-Adapter image_encoder, ...) must be absent.
+_DROPPED_COMPONENTS = ("safety_checker", "feature_extractor")
+# Our sampler for a pipeline scheduler that solves the same way; VP models with another
+# scheduler (PNDM, LMS, ...) get DPM-Solver++(2M).
+_SCHEDULER_SAMPLERS = {
+    "DDIMScheduler": "ddim",
+    "DPMSolverMultistepScheduler": "dpmpp-2m",
+    "EulerDiscreteScheduler": "euler",
+    "FlowMatchEulerDiscreteScheduler": "euler",
+    "HeunDiscreteScheduler": "heun",
+    "UniPCMultistepScheduler": "unipc",
+}
+
+
+def check_text_pipeline_components(index: dict, spec: TextPipeline, src: Path) -> None:
+    """ValueError naming the first component of `model_index.json` that does not convert."""
+    from denoised.models.text.loading import TEXT_COMPONENTS  # transformers: text only
+
+    expected = {spec.backbone: spec.backbone_class, "vae": "AutoencoderKL"}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or name == "scheduler":
+            continue  # metadata and settings; the scheduler is read into the process
+        if name in expected:
+            if entry != ["diffusers", expected[name]]:
+                raise ValueError(
+                    f"{src / 'model_index.json'}: {name} is {entry!r}; expected "
+                    f"['diffusers', {expected[name]!r}]"
+                )
+        elif name not in TEXT_COMPONENTS + _DROPPED_COMPONENTS and entry != [None, None]:
+            raise ValueError(
+                f"{src / 'model_index.json'}: component {name} ({entry[-1]}) is not supported "
+                f"in a {index['_class_name']}"
+            )
+    for name in expected:
+        if name not in index:
+            raise ValueError(f"{src / 'model_index.json'} names no {name}")
+
+
+def convert_text_pipeline(
+    src: Path, dst: Path, index: dict, config: dict, class_names: list[str] | None
+) -> Path:
+    """A `StableDiffusionPipeline` / `StableDiffusion3Pipeline` folder as a model directory:
+    the backbone as it is, the VAE decoder, the text encoders and tokenizers copied to
+    `text/`, the pipeline's defaults. Everything that can be checked without loading the text
+    encoders is checked before anything is written."""
+    from denoised.models.text.conditioner import check_pipeline_text  # transformers: text only
+
+    pipeline = index["_class_name"]
+    spec = TEXT_PIPELINES[pipeline]
+    if class_names is not None:
+        raise UsageError(f"--class-names does not apply to {src}: a {pipeline} takes prompts")
+    check_text_pipeline_components(index, spec, src)
+    if config["process"]["type"] != spec.process:
+        raise ValueError(
+            f"{src / 'scheduler'} describes a {config['process']['type']} process; a "
+            f"{pipeline} needs a {'flow matching' if spec.process == 'flow' else 'VP'} scheduler"
+        )
+    check_pipeline_text(src)
+    scheduler = str(index["scheduler"][-1]) if isinstance(index.get("scheduler"), list) else ""
+    default_sampler = "euler" if spec.process == "flow" else "dpmpp-2m"
+    config.update(
+        family=spec.family,
+        defaults={
+            "sampler": _SCHEDULER_SAMPLERS.get(scheduler, default_sampler),
+            "steps": spec.steps,
+            "guidance_scale": spec.guidance_scale,
+        },
+    )
+    backbone = read_diffusers_backbone(src / spec.backbone, spec.family)
+    return save_model_dir(dst, backbone, config, vae=read_diffusers_vae(src / "vae"), text_from=src)
 
 
 def convert_diffusers_pipeline(
@@ -517,15 +633,22 @@ def convert_diffusers_pipeline(
     class_names: list[str] | None = None,
     force: bool = False,
 ) -> Path:
-    """Convert a `DiTPipeline` or `DDPMPipeline` folder into a model directory at `dst`.
+    """Convert a `DiTPipeline`, `DDPMPipeline`, `StableDiffusionPipeline` or
+    `StableDiffusion3Pipeline` folder into a model directory at `dst`.
 
-    `class_names` replace the pipeline's `id2label`; `force` overwrites a non-empty `dst`.
+    `class_names` replace the pipeline's `id2label` (class pipelines only); `force`
+    overwrites a non-empty `dst`.
     """
     src, dst = Path(src), Path(dst)
     name = check_model_name(name or dst.name)
     check_output(dst, force)
     index = read_json_object(src / "model_index.json")
     pipeline = index.get("_class_name")
+    supported = ("DiTPipeline", "DDPMPipeline", *TEXT_PIPELINES)
+    if pipeline not in supported:
+        raise ValueError(
+            f"unsupported diffusers pipeline {pipeline!r}; supported: {', '.join(supported)}"
+        )
     process = process_from_scheduler_config(
         read_json_object(src / "scheduler" / "scheduler_config.json")
     )
@@ -536,6 +659,8 @@ def convert_diffusers_pipeline(
             return class_names
         return class_names_from_id2label(index.get("id2label"), num_classes, distinct=True)
 
+    if pipeline in TEXT_PIPELINES:
+        return convert_text_pipeline(src, dst, index, config, class_names)
     if pipeline == "DiTPipeline":
         arch = dit_config_from_diffusers(read_json_object(src / "transformer" / "config.json"))
         backbone = DiT(arch)
@@ -547,15 +672,11 @@ def convert_diffusers_pipeline(
             guided_channels=arch.in_channels,  # DiTPipeline guides every latent channel
         )
         return save_model_dir(dst, backbone, config, vae=read_diffusers_vae(src / "vae"))
-    if pipeline == "DDPMPipeline":
-        unet_arch = unet_config_from_diffusers(read_json_object(src / "unet" / "config.json"))
-        unet = UNet(unet_arch)
-        load_weights(unet, _diffusers_weights(src / "unet"), f"unet in {src}")
-        config.update(family="unet", class_names=names_for(unet_arch.num_classes))
-        return save_model_dir(dst, unet, config, vae=None)
-    raise ValueError(
-        f"unsupported diffusers pipeline {pipeline!r}; expected DiTPipeline or DDPMPipeline"
-    )
+    unet_arch = unet_config_from_diffusers(read_json_object(src / "unet" / "config.json"))
+    unet = UNet(unet_arch)
+    load_weights(unet, _diffusers_weights(src / "unet"), f"unet in {src}")
+    config.update(family="unet", class_names=names_for(unet_arch.num_classes))
+    return save_model_dir(dst, unet, config, vae=None)
 
 
 def convert_original_checkpoint(
@@ -619,8 +740,9 @@ _CHECKPOINT_FLAGS = ("family", "vae", "num_heads", "input_size")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="denoised convert",
-        description="Convert an original DiT/SiT .pt checkpoint or a diffusers DiT/DDPM "
-        "pipeline folder into a denoised model directory (config.json + safetensors).",
+        description="Convert an original DiT/SiT .pt checkpoint or a diffusers DiT, DDPM, "
+        "Stable Diffusion (1.x/2.x) or Stable Diffusion 3 pipeline folder into a denoised "
+        "model directory (config.json + safetensors).",
     )
     parser.add_argument("source", type=Path, help=".pt file or diffusers pipeline folder")
     parser.add_argument("output", type=Path, help="model directory to write")

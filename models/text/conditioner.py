@@ -31,8 +31,11 @@ from denoised.models.text.cache import PromptCache
 from denoised.models.text.loading import (
     CLIP_TOKENIZERS,
     T5_TOKENIZERS,
+    TextPart,
     load_text_pair,
+    load_tokenizer,
     read_model_index,
+    text_part_classes,
 )
 from denoised.models.text.prompts import EncodedPrompt
 
@@ -78,13 +81,7 @@ class TextConditioner:
         encoder weights that are pickled only or do not match their config."""
         path = Path(path)
         index = read_model_index(path)
-        kind = index.get("_class_name")
-        if kind not in PIPELINES:
-            raise ValueError(
-                f"{path / 'model_index.json'}: {kind!r} pipelines are not supported; "
-                f"supported: {', '.join(PIPELINES)}"
-            )
-        load = PIPELINES[kind].load
+        load = pipeline_text_class(path, index).load
         return load(path, index, torch.device(device), dtype, max_sequence_length, token_width)
 
     def encode(
@@ -119,6 +116,8 @@ class TextConditioner:
 class StableDiffusionText(TextConditioner):
     """`StableDiffusionPipeline.encode_prompt` without clip_skip: CLIP's last hidden state."""
 
+    PARTS = (TextPart("", CLIP_TOKENIZERS, ("CLIPTextModel",)),)
+
     def __init__(
         self, tokenizer: Tokenizer, encoder: nn.Module, device: torch.device, dtype: torch.dtype
     ):
@@ -131,9 +130,7 @@ class StableDiffusionText(TextConditioner):
     def load(
         cls, path, index, device, dtype, max_sequence_length, token_width
     ) -> StableDiffusionText:
-        tokenizer, encoder = load_text_pair(
-            path, index, "", CLIP_TOKENIZERS, ("CLIPTextModel",), device, dtype
-        )
+        tokenizer, encoder = load_text_pair(path, index, cls.PARTS[0], device, dtype)
         return cls(tokenizer, encoder, device, dtype)
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, None]:
@@ -145,6 +142,14 @@ class StableDiffusionText(TextConditioner):
 class StableDiffusion3Text(TextConditioner):
     """`StableDiffusion3Pipeline.encode_prompt` with one prompt for all three encoders and
     without clip_skip."""
+
+    PARTS = (
+        *(
+            TextPart(suffix, CLIP_TOKENIZERS, ("CLIPTextModelWithProjection",))
+            for suffix in ("", "_2")
+        ),
+        TextPart("_3", T5_TOKENIZERS, ("T5EncoderModel",), required=False),
+    )
 
     def __init__(
         self,
@@ -175,21 +180,7 @@ class StableDiffusion3Text(TextConditioner):
                 f"max_sequence_length must be in 1..{MAX_T5_SEQUENCE_LENGTH}, "
                 f"got {max_sequence_length}"
             )
-        clip = [
-            load_text_pair(
-                path,
-                index,
-                suffix,
-                CLIP_TOKENIZERS,
-                ("CLIPTextModelWithProjection",),
-                device,
-                dtype,
-            )
-            for suffix in ("", "_2")
-        ]
-        t5 = load_text_pair(
-            path, index, "_3", T5_TOKENIZERS, ("T5EncoderModel",), device, dtype, required=False
-        )
+        *clip, t5 = (load_text_pair(path, index, part, device, dtype) for part in cls.PARTS)
         zeros_width = token_width
         if t5 is None and zeros_width is None:  # zeros as wide as the transformer's text input
             config = path / "transformer" / "config.json"
@@ -228,3 +219,30 @@ PIPELINES: dict[str, type[StableDiffusionText | StableDiffusion3Text]] = {
     "StableDiffusionPipeline": StableDiffusionText,
     "StableDiffusion3Pipeline": StableDiffusion3Text,
 }
+
+
+def pipeline_text_class(
+    path: Path, index: dict
+) -> type[StableDiffusionText | StableDiffusion3Text]:
+    """The encoding scheme of the pipeline whose `model_index.json` is `index`; ValueError for
+    a pipeline class other than those of PIPELINES."""
+    kind = index.get("_class_name")
+    if kind not in PIPELINES:
+        raise ValueError(
+            f"{path / 'model_index.json'}: {kind!r} pipelines are not supported; "
+            f"supported: {', '.join(PIPELINES)}"
+        )
+    return PIPELINES[kind]
+
+
+def check_pipeline_text(path: str | os.PathLike) -> None:
+    """What `TextConditioner.from_pipeline_dir` refuses before it reads an encoder's weights
+    (the pipeline and component classes, missing tokenizers and encoders, pickled-only
+    weights), without loading any encoder: ValueError naming the file or folder. Tokenizers
+    are small and are loaded."""
+    path = Path(path)
+    index = read_model_index(path)
+    for part in pipeline_text_class(path, index).PARTS:
+        classes = text_part_classes(path, index, part)
+        if classes is not None:
+            load_tokenizer(path, "tokenizer" + part.suffix, classes[0])

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, overload
 
 import torch
 import transformers
@@ -61,10 +61,9 @@ def load_tokenizer(path: Path, name: str, cls: str) -> PreTrainedTokenizerBase:
     )
 
 
-def load_encoder(
-    path: Path, name: str, cls: str, device: torch.device | str, dtype: torch.dtype
-) -> nn.Module:
-    """Text encoder `name` of the pipeline folder `path`, in eval mode on `device` in `dtype`."""
+def encoder_folder(path: Path, name: str, cls: str) -> Path:
+    """Text encoder `name`'s folder in the pipeline folder `path`; ValueError when it is
+    missing or holds its weights only as pickles (never opened: unpickling can run code)."""
     folder = _folder(path, name, cls)
     if not any((folder / f).is_file() for f in SAFETENSORS):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -75,6 +74,14 @@ def load_encoder(
                 "trust the file (transformers' save_pretrained(safe_serialization=True))"
             )
         raise ValueError(f"{folder} has no {SAFETENSORS[0]}")
+    return folder
+
+
+def load_encoder(
+    path: Path, name: str, cls: str, device: torch.device | str, dtype: torch.dtype
+) -> nn.Module:
+    """Text encoder `name` of the pipeline folder `path`, in eval mode on `device` in `dtype`."""
+    folder = encoder_folder(path, name, cls)
     model, info = getattr(transformers, cls).from_pretrained(
         folder,
         use_safetensors=True,
@@ -97,53 +104,44 @@ def load_encoder(
     return model.to(device).eval().requires_grad_(False)
 
 
-@overload
-def load_text_pair(
-    path: Path,
-    index: dict,
-    suffix: str,
-    tokenizers: tuple[str, ...],
-    encoders: tuple[str, ...],
-    device: torch.device | str,
-    dtype: torch.dtype,
-    required: Literal[True] = True,
-) -> tuple[PreTrainedTokenizerBase, nn.Module]: ...
-@overload
-def load_text_pair(
-    path: Path,
-    index: dict,
-    suffix: str,
-    tokenizers: tuple[str, ...],
-    encoders: tuple[str, ...],
-    device: torch.device | str,
-    dtype: torch.dtype,
-    required: bool,
-) -> tuple[PreTrainedTokenizerBase, nn.Module] | None: ...
+@dataclass(frozen=True)
+class TextPart:
+    """One tokenizer + text encoder of a pipeline: `tokenizer{suffix}`, `text_encoder{suffix}`
+    with the classes each may be; an optional part may be absent from `model_index.json`."""
+
+    suffix: str
+    tokenizers: tuple[str, ...]
+    encoders: tuple[str, ...]
+    required: bool = True
 
 
-def load_text_pair(
-    path: Path,
-    index: dict,
-    suffix: str,
-    tokenizers: tuple[str, ...],
-    encoders: tuple[str, ...],
-    device: torch.device | str,
-    dtype: torch.dtype,
-    required: bool = True,
-) -> tuple[PreTrainedTokenizerBase, nn.Module] | None:
-    """`tokenizer{suffix}` and `text_encoder{suffix}` of the pipeline folder `path`; None when
-    `model_index.json` names neither and they are not `required`."""
-    tokenizer_cls = component_class(index, "tokenizer" + suffix, tokenizers)
-    encoder_cls = component_class(index, "text_encoder" + suffix, encoders)
-    if tokenizer_cls is None and encoder_cls is None and not required:
+def text_part_classes(path: Path, index: dict, part: TextPart) -> tuple[str, str] | None:
+    """The (tokenizer, encoder) classes `model_index.json` names for `part`, None for an
+    absent optional part; ValueError, without reading any weights, for another class, a
+    missing tokenizer or encoder (or its folder), and encoder weights only as pickles."""
+    tokenizer_cls = component_class(index, "tokenizer" + part.suffix, part.tokenizers)
+    encoder_cls = component_class(index, "text_encoder" + part.suffix, part.encoders)
+    if tokenizer_cls is None and encoder_cls is None and not part.required:
         return None
-    if tokenizer_cls is None:
-        raise ValueError(f"{path / 'model_index.json'} names no tokenizer{suffix}")
-    if encoder_cls is None:
-        raise ValueError(f"{path / 'model_index.json'} names no text_encoder{suffix}")
+    if tokenizer_cls is None or encoder_cls is None:
+        missing = "tokenizer" if tokenizer_cls is None else "text_encoder"
+        raise ValueError(f"{path / 'model_index.json'} names no {missing}{part.suffix}")
+    _folder(path, "tokenizer" + part.suffix, tokenizer_cls)
+    encoder_folder(path, "text_encoder" + part.suffix, encoder_cls)
+    return tokenizer_cls, encoder_cls
+
+
+def load_text_pair(
+    path: Path, index: dict, part: TextPart, device: torch.device | str, dtype: torch.dtype
+) -> tuple[PreTrainedTokenizerBase, nn.Module] | None:
+    """`part`'s tokenizer and text encoder from the pipeline folder `path`; None when it is
+    an absent optional part."""
+    classes = text_part_classes(path, index, part)
+    if classes is None:
+        return None
     return (
-        load_tokenizer(path, "tokenizer" + suffix, tokenizer_cls),
-        load_encoder(path, "text_encoder" + suffix, encoder_cls, device, dtype),
+        load_tokenizer(path, "tokenizer" + part.suffix, classes[0]),
+        load_encoder(path, "text_encoder" + part.suffix, classes[1], device, dtype),
     )
 
 
@@ -152,10 +150,19 @@ TEXT_COMPONENTS = tuple(
 )
 
 
+# Files of a component folder that loading never reads, left out of copies: pickled weights
+# (refused) and precision variants such as model.fp16.safetensors (only model.safetensors and
+# its shards load).
+_UNREAD = shutil.ignore_patterns(
+    *(f"*{suffix}" for suffix in PICKLE_SUFFIXES), "model.*.safetensors"
+)
+
+
 def copy_text_parts(pipeline: Path, out: Path) -> None:
     """A pipeline folder's text encoders and tokenizers as the folder `out`, in the same
-    layout: `model_index.json` (its class and text components only) and their folders.
-    ValueError, as loading would give it, for a missing component folder."""
+    layout: `model_index.json` (its class and text components only) and their folders, less
+    the files loading never reads. ValueError, as loading would give it, for a missing
+    component folder."""
     index = read_model_index(pipeline)
     kept = {k: v for k, v in index.items() if k.startswith("_") or k in TEXT_COMPONENTS}
     if out.exists():
@@ -163,5 +170,5 @@ def copy_text_parts(pipeline: Path, out: Path) -> None:
     out.mkdir(parents=True)
     for name, entry in kept.items():
         if not name.startswith("_") and entry not in (None, [None, None]):
-            shutil.copytree(_folder(pipeline, name, str(entry)), out / name)
+            shutil.copytree(_folder(pipeline, name, str(entry)), out / name, ignore=_UNREAD)
     (out / "model_index.json").write_text(json.dumps(kept, indent=2) + "\n")

@@ -14,6 +14,14 @@ TINY_VAE = {
     "norm_num_groups": 8,
     "latent_channels": 4,
 }
+# Stable Diffusion 3's VAE settings (Esser et al., 2024), for the tiny layout.
+SD3_VAE = {
+    "latent_channels": 16,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
 
 
 def random_diffusers_dit(seed: int = 0) -> DiTTransformer2DModel:

@@ -91,12 +91,12 @@ def test_scheduler_configs_map_to_processes():
 def test_cli_reports_errors(tmp_path, capsys):
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text(
-        '{"_class_name": "StableDiffusionPipeline"}'
+        '{"_class_name": "StableDiffusionXLPipeline"}'
     )
     (tmp_path / "pipe" / "scheduler").mkdir()
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text("{}")
     assert main([str(tmp_path / "pipe"), str(tmp_path / "out")]) == 1
-    assert "unsupported diffusers pipeline 'StableDiffusionPipeline'" in capsys.readouterr().err
+    assert "unsupported diffusers pipeline 'StableDiffusionXLPipeline'" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main([str(tmp_path / "junk.pt"), str(tmp_path / "out")]) == 1
     assert "is not a torch checkpoint" in capsys.readouterr().err

@@ -11,11 +11,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from denoised.models.backbones.mmdit import MMDiT, MMDiTConfig
-from denoised.models.checkpoints.convert import process_from_scheduler_config
+from denoised.models.checkpoints.convert import (
+    process_from_scheduler_config,
+    read_diffusers_backbone,
+)
 from denoised.models.checkpoints.model_dir import (
     load_model_dir,
-    load_weights,
-    read_safetensors,
     save_model_dir,
 )
 from denoised.models.checkpoints.presets import SD3_MEDIUM, SD3_PROCESS
@@ -56,12 +57,7 @@ def save_and_load(ref: SD3Transformer2DModel, tmp_path) -> MMDiT:
     folder's config.json and safetensors as they are."""
     folder = tmp_path / "transformer"
     ref.save_pretrained(folder)
-    config = MMDiTConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    with torch.device("meta"):
-        model = MMDiT(config)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    load_weights(model, read_safetensors(weights), str(weights))
-    return model.eval()
+    return read_diffusers_backbone(folder, "mmdit").eval()
 
 
 def text(batch: int, seed: int = 2, tokens: int = TEXT_TOKENS) -> TextContext:

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from diffusers_reference import assert_close, randomised
 
 from denoised.models.backbones.unet_text import CrossAttentionCache, UNetText, UNetTextConfig
-from denoised.models.checkpoints.convert import read_diffusers_unet_text
+from denoised.models.checkpoints.convert import read_diffusers_backbone
 from denoised.models.checkpoints.model_dir import WEIGHTS_FILE, load_model_dir, save_model_dir
 from denoised.models.conditioning import TextContext
 
@@ -64,7 +64,7 @@ def pair(request, tmp_path_factory) -> tuple[UNet2DConditionModel, UNetText, obj
     folder = tmp_path_factory.mktemp("unet")
     ref.save_pretrained(folder)
     assert (folder / "diffusion_pytorch_model.safetensors").is_file()
-    return ref, read_diffusers_unet_text(folder).eval(), folder
+    return ref, read_diffusers_backbone(folder, "unet-text").eval(), folder
 
 
 def test_matches_diffusers(pair):

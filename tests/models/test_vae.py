@@ -4,7 +4,7 @@ scaling and shift, and legacy attention names."""
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from diffusers_reference import assert_close, random_vae
+from diffusers_reference import SD3_VAE, assert_close, random_vae
 
 from denoised.models.backbones.vae import (
     VAEConfig,
@@ -44,18 +44,8 @@ def test_decode_applies_scaling_factor_and_clamps():
     assert (images - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
-# Stable Diffusion 3's VAE settings (Esser et al., 2024) on the tiny layout.
-SD3_SETTINGS = {
-    "latent_channels": 16,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-
-
 def test_sd3_vae_matches_diffusers_decode():
-    ref = random_vae(**SD3_SETTINGS)
+    ref = random_vae(**SD3_VAE)
     assert ref.post_quant_conv is None
     ours = load_ours(ref)
     assert ours.post_quant_conv is None
@@ -117,7 +107,7 @@ def test_sd3_vae_layout_matches_diffusers():
         "down_block_types": ("DownEncoderBlock2D",) * 4,
         "up_block_types": ("UpDecoderBlock2D",) * 4,
         "layers_per_block": 2,
-        **SD3_SETTINGS,
+        **SD3_VAE,
     }
     with torch.device("meta"):
         ref = AutoencoderKL(**sd3_vae)

@@ -24,7 +24,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers_reference import TINY_VAE
+from diffusers_reference import SD3_VAE, TINY_VAE
 from safetensors.torch import load_file, save_file
 from transformers import (
     CLIPTextConfig,
@@ -185,16 +185,19 @@ def sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def sd3_pipeline(seed: int = 0, t5: bool = True) -> StableDiffusion3Pipeline:
+def sd3_pipeline(seed: int = 0, t5: bool = True, sd3_vae: bool = False) -> StableDiffusion3Pipeline:
     """A tiny StableDiffusion3Pipeline; `t5=False` leaves out text_encoder_3/tokenizer_3 (the
-    pipeline then uses zeros of the transformer's `joint_attention_dim` for T5's part)."""
+    pipeline then uses zeros of the transformer's `joint_attention_dim` for T5's part);
+    `sd3_vae` gives it SD3's 16-channel VAE settings (scaling and shift, no quant convs) and
+    SD3's scheduler shift, 3."""
     torch.manual_seed(seed)
     parts = sd3_text_components(seed, t5)
+    vae = {**TINY_VAE, **SD3_VAE} if sd3_vae else TINY_VAE
     transformer = SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
-        in_channels=4,
-        out_channels=4,
+        in_channels=vae["latent_channels"],
+        out_channels=vae["latent_channels"],
         num_layers=1,
         attention_head_dim=8,
         num_attention_heads=2,
@@ -205,8 +208,8 @@ def sd3_pipeline(seed: int = 0, t5: bool = True) -> StableDiffusion3Pipeline:
     )
     return StableDiffusion3Pipeline(
         transformer=randomize(transformer, seed + 11),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=randomize(AutoencoderKL(**TINY_VAE), seed + 10),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0 if sd3_vae else 1.0),
+        vae=randomize(AutoencoderKL(**vae), seed + 10),
         **parts,
     )
 
