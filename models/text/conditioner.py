@@ -130,8 +130,9 @@ class StableDiffusionText(TextConditioner):
     def load(
         cls, path, index, device, dtype, max_sequence_length, token_width
     ) -> StableDiffusionText:
-        tokenizer, encoder = load_text_pair(path, index, cls.PARTS[0], device, dtype)
-        return cls(tokenizer, encoder, device, dtype)
+        pair = load_text_pair(path, index, cls.PARTS[0], device, dtype)
+        assert pair is not None  # a required part loads or raises
+        return cls(*pair, device, dtype)
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, None]:
         inputs = tokenize(self.tokenizer, prompts, self.max_tokens, self.device)
@@ -180,7 +181,8 @@ class StableDiffusion3Text(TextConditioner):
                 f"max_sequence_length must be in 1..{MAX_T5_SEQUENCE_LENGTH}, "
                 f"got {max_sequence_length}"
             )
-        *clip, t5 = (load_text_pair(path, index, part, device, dtype) for part in cls.PARTS)
+        *parts, t5 = (load_text_pair(path, index, part, device, dtype) for part in cls.PARTS)
+        clip = [pair for pair in parts if pair is not None]  # required: loaded or raised
         zeros_width = token_width
         if t5 is None and zeros_width is None:  # zeros as wide as the transformer's text input
             config = path / "transformer" / "config.json"
