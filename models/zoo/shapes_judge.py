@@ -12,7 +12,6 @@ two-object ones, and the count head on both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from denoised.models.zoo.cli import positive_int
+from denoised.models.zoo.cli import add_judge_arguments, command_parser, positive_int
 from denoised.models.zoo.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, make_dataset
 
 SHAPES_JUDGE_DIR = Path(__file__).parent / "shapes-judge"
@@ -131,15 +130,9 @@ def held_out_accuracy(judge: ShapesJudge) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--train", action="store_true", help="retrain the judge and write its directory"
-    )
-    parser.add_argument("--epochs", type=positive_int, default=4, help="with --train")
+    parser = command_parser(__doc__)
+    add_judge_arguments(parser, SHAPES_JUDGE_DIR, epochs=4)
     parser.add_argument("--scenes", type=positive_int, default=20_000, help="with --train")
-    parser.add_argument("--out", type=Path, default=SHAPES_JUDGE_DIR, help="judge directory")
     args = parser.parse_args(argv)
     if not args.train:
         result = held_out_accuracy(load_shapes_judge(args.out))
