@@ -10,4 +10,6 @@ neither.
 from pathlib import Path
 
 ZOO_DIR = Path(__file__).parent
-ZOO_MODELS = ("digits-dit", "digits-flow", "digits-unet")
+CLASS_MODELS = ("digits-dit", "digits-flow", "digits-unet")  # class-conditional digits
+TEXT_MODELS = ("shapes-text",)  # text-to-image: coloured shapes from prompts
+ZOO_MODELS = CLASS_MODELS + TEXT_MODELS

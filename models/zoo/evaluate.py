@@ -32,8 +32,8 @@ import torch
 from denoised.models.checkpoints.model_dir import LoadedModel, load_model_dir
 from denoised.models.conditioning import Conditioning
 from denoised.models.sampling.samplers import SAMPLER_NAMES, create_sampler, sample
-from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
-from denoised.models.zoo.cli import positive_int
+from denoised.models.zoo import CLASS_MODELS, ZOO_DIR
+from denoised.models.zoo.cli import add_grid_arguments, command_parser, positive_int
 from denoised.models.zoo.data import load_digits_split
 from denoised.models.zoo.hashes import HASHES_PATH, file_hash, recorded_hashes
 from denoised.models.zoo.judge import (
@@ -197,7 +197,7 @@ def render_targets(results: dict) -> list[str]:
         "| model | guidance | accuracy, 20 NFE | FD 10 NFE | FD 50 NFE | ratio 10/50 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for model in ZOO_MODELS:
+    for model in CLASS_MODELS:
         for w in GUIDANCE:
             r20, r10, r50 = (by_key.get((model, RECOMMENDED_SAMPLER, n, w)) for n in (20, 10, 50))
             if not (r20 and r10 and r50):
@@ -239,7 +239,12 @@ def render_table(results: dict) -> str:
     order = {s: i for i, s in enumerate(SAMPLER_NAMES)}
     rows = sorted(
         results["rows"],
-        key=lambda r: (ZOO_MODELS.index(r["model"]), order[r["sampler"]], r["nfe"], r["guidance"]),
+        key=lambda r: (
+            CLASS_MODELS.index(r["model"]),
+            order[r["sampler"]],
+            r["nfe"],
+            r["guidance"],
+        ),
     )
     for r in rows:
         lines.append(
@@ -250,13 +255,18 @@ def render_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(results: dict, doc_path: Path = DOC_PATH) -> None:
+def replace_section(doc_path: Path, begin: str, end: str, body: str) -> None:
+    """Rewrite what lies between the markers `begin` and `end` of `doc_path` with `body`."""
     text = doc_path.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
     if not rest:
-        raise ValueError(f"{doc_path} lacks the markers {BEGIN} ... {END}")
-    doc_path.write_text(f"{head}{BEGIN}\n{render_table(results)}\n{END}{tail}")
+        raise ValueError(f"{doc_path} lacks the markers {begin} ... {end}")
+    doc_path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def write_doc(results: dict, doc_path: Path = DOC_PATH) -> None:
+    replace_section(doc_path, BEGIN, END, render_table(results))
 
 
 def sample_count(text: str) -> int:
@@ -271,13 +281,8 @@ def sample_count(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", nargs="+", default=list(ZOO_MODELS), choices=ZOO_MODELS)
-    parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
-    parser.add_argument("--nfe", nargs="+", type=positive_int, default=list(NFES))
-    parser.add_argument("--guidance", nargs="+", type=float, default=list(GUIDANCE))
+    parser = command_parser(__doc__)
+    add_grid_arguments(parser, CLASS_MODELS, SAMPLER_NAMES, SAMPLER_NAMES, NFES, GUIDANCE)
     parser.add_argument(
         "--samples", type=sample_count, default=SAMPLES, help=f"per row (≥ {MIN_SAMPLES})"
     )

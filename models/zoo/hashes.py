@@ -12,12 +12,18 @@ import json
 import sys
 from pathlib import Path
 
-from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
+from denoised.models.zoo import TEXT_MODELS, ZOO_DIR, ZOO_MODELS
 
 HASHES_PATH = ZOO_DIR / "hashes.json"
-# What a model directory is at serve time, plus the judge the evaluation depends on.
+# A text model's encoder and tokenizer (text/, a StableDiffusionPipeline folder's text parts).
+TEXT_FILES = (
+    "model_index.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+)  # fmt: skip
+# What a model directory is at serve time, plus the judges the evaluations depend on.
 HASHED = [f"{m}/{f}" for m in ZOO_MODELS for f in ("config.json", "model.safetensors")]
-HASHED.append("judge/model.safetensors")
+HASHED += [f"{m}/text/{f}" for m in TEXT_MODELS for f in TEXT_FILES]
+HASHED += ["judge/model.safetensors", "shapes-judge/model.safetensors"]
 
 
 def file_hash(path: Path) -> str:

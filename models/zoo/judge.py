@@ -11,7 +11,6 @@ Gaussians fitted to the features of two image sets.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from scipy import linalg
 from torch import nn
 
-from denoised.models.zoo.cli import positive_int
+from denoised.models.zoo.cli import add_judge_arguments, command_parser
 from denoised.models.zoo.data import load_digits_split
 
 JUDGE_DIR = Path(__file__).parent / "judge"
@@ -121,14 +120,8 @@ def held_out_accuracy(judge: DigitJudge) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--train", action="store_true", help="retrain the judge and write its directory"
-    )
-    parser.add_argument("--epochs", type=positive_int, default=40, help="with --train")
-    parser.add_argument("--out", type=Path, default=JUDGE_DIR, help="judge directory")
+    parser = command_parser(__doc__)
+    add_judge_arguments(parser, JUDGE_DIR, epochs=40)
     args = parser.parse_args(argv)
     if not args.train:
         accuracy = held_out_accuracy(load_judge(args.out))

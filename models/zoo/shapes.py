@@ -104,10 +104,17 @@ def random_scene(rng: np.random.Generator) -> Scene:
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption of `scene`; single objects sometimes leave out size or position."""
     if scene.relation is not None:
+        return full_caption(scene)
+    with_size, with_position = rng.random() < 0.7, rng.random() < 0.7
+    return full_caption(scene, with_size, with_position)
+
+
+def full_caption(scene: Scene, with_size: bool = True, with_position: bool = True) -> str:
+    """The caption naming every attribute of `scene` (less size or position if asked)."""
+    if scene.relation is not None:
         first, second = scene.things
         return f"a {first.words(False)} {scene.relation} a {second.words(False)}"
     thing = scene.things[0]
-    with_size, with_position = rng.random() < 0.7, rng.random() < 0.7
     text = f"a {thing.words(with_size)}"
     if with_position:
         where = {"left": "on the left", "right": "on the right", "top": "at the top",

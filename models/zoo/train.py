@@ -19,6 +19,7 @@ import copy
 import csv
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,16 @@ from denoised.models.backbones.dit import DiT
 from denoised.models.checkpoints.model_dir import build_backbone, save_model_dir
 from denoised.models.sampling.process import FlowProcess, Process, VPProcess, process_from_config
 from denoised.models.zoo.cli import positive_int
-from denoised.models.zoo.data import CLASS_NAMES, DigitsSplit, load_digits_split
+from denoised.models.zoo.data import CLASS_NAMES, load_digits_split
+from denoised.models.zoo.shapes import make_dataset
+from denoised.models.zoo.shapes_judge import to_model_range
+from denoised.models.zoo.shapes_text import (
+    TextToImage,
+    build_text_encoder,
+    token_ids,
+    write_pipeline_text,
+    write_tokenizer,
+)
 
 ZOO_DIR = Path(__file__).parent
 RECIPES_PATH = ZOO_DIR / "recipes.json"
@@ -105,33 +115,36 @@ def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 
 
 def train(
-    backbone: nn.Module,
+    model: nn.Module,
     process: Process,
-    data: DigitsSplit,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    null_y: torch.Tensor,
     s: TrainSettings,
-    num_classes: int,
     log: Callable[[str], None] = print,
     log_every: int = 100,
     on_log: Callable[[nn.Module, int], object] | None = None,
 ) -> TrainResult:
-    """Train `backbone` in place; returns its EMA copy. `on_log(ema, step)` runs at each log
-    line (the recipe uses it to write snapshots that can be judged while training runs)."""
+    """Train `model(x_t, t, y)` in place on images `x_all` conditioned on `y_all` (class ids
+    [N], or a text model's token ids [N, L]); returns its EMA copy. Dropout replaces a row's
+    `y` by `null_y` (the null class, or the empty prompt's ids). `on_log(ema, step)` runs at
+    each log line (the recipe uses it to write snapshots that can be judged while training
+    runs)."""
     generator = torch.Generator().manual_seed(s.seed)
-    ema = copy.deepcopy(backbone).requires_grad_(False)
-    optimizer = torch.optim.AdamW(backbone.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    x_all, y_all = data.train_x, data.train_y
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     channels = x_all.shape[1]
     losses, window = [], []
     start = time.perf_counter()
     for step in range(s.steps):
         idx = torch.randint(0, len(y_all), (s.batch_size,), generator=generator)
-        x0, y = x_all[idx], y_all[idx].clone()
-        y[torch.rand(s.batch_size, generator=generator) < s.label_dropout] = num_classes
+        x0, y = x_all[idx].float(), y_all[idx].clone()
+        y[torch.rand(s.batch_size, generator=generator) < s.label_dropout] = null_y
         t = sample_times(process, s.batch_size, s, generator)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = process.add_noise(x0, noise, t)
         model_t = torch.as_tensor(process.model_time(t.double().numpy()), dtype=torch.float32)
-        out = backbone(x_t, model_t, y)[:, :channels]
+        out = model(x_t, model_t, y)[:, :channels]
         loss = F.mse_loss(out, process.training_target(x0, noise, t))
         lr = learning_rate(step, s)
         for group in optimizer.param_groups:
@@ -139,7 +152,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        update_ema(ema, backbone, step, s.ema_decay)
+        update_ema(ema, model, step, s.ema_decay)
         window.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == s.steps:
             mean = sum(window) / len(window)
@@ -195,21 +208,33 @@ def train_recipe(
     if isinstance(backbone, DiT):
         backbone.initialize_for_training()
     process = process_from_config(recipe["process"])
-    config = {
-        "name": name,
-        "family": recipe["family"],
-        "process": recipe["process"],
-        "class_names": CLASS_NAMES,
-        "defaults": recipe["defaults"],
-    }
+    config = {"name": name, "family": recipe["family"], "process": recipe["process"],
+              "defaults": recipe["defaults"]}  # fmt: skip
+    model: nn.Module
+    if "text_encoder" in recipe:  # a text model: captions through a jointly trained encoder
+        data = recipe["data"]
+        tokenizer = write_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer", data["max_tokens"])
+        model = TextToImage(build_text_encoder(tokenizer, recipe["text_encoder"]), backbone)
+        images, captions, _ = make_dataset(data["scenes"], data["seed"])
+        x_all, y_all = to_model_range(images), token_ids(tokenizer, captions)
+        null_y = token_ids(tokenizer, [""])[0]
+    else:
+        model, config["class_names"] = backbone, CLASS_NAMES
+        split = load_digits_split()
+        x_all, y_all, null_y = split.train_x, split.train_y, torch.tensor(len(CLASS_NAMES))
 
     def save(ema: nn.Module, step: int | None = None) -> Path:
         # fp16 storage halves the files; the loader casts to the serving dtype.
-        return save_model_dir(out_dir / name, copy.deepcopy(ema).half(), config)
+        if not isinstance(ema, TextToImage):
+            return save_model_dir(out_dir / name, copy.deepcopy(ema).half(), config)
+        with tempfile.TemporaryDirectory() as pipeline:
+            write_pipeline_text(Path(pipeline), ema.encoder, tokenizer)
+            backbone = copy.deepcopy(ema.backbone).half()
+            return save_model_dir(out_dir / name, backbone, config, text_from=pipeline)
 
     snapshot = save if snapshot_every else None
     result = train(
-        backbone, process, load_digits_split(), settings, len(CLASS_NAMES),
+        model, process, x_all, y_all, null_y, settings,
         log_every=snapshot_every or 100, on_log=snapshot,
     )  # fmt: skip
     path = save(result.ema)
@@ -221,7 +246,7 @@ def train_recipe(
         "final_loss": round(result.losses[-1][1], 5),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
-        "parameters": sum(p.numel() for p in backbone.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
     (path / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"{name}: wrote {path} ({result.seconds:.0f} s)")

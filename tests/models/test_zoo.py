@@ -15,7 +15,7 @@ from zoo_fixtures import one_thread  # noqa: F401 (autouse)
 from denoised.models.checkpoints.model_dir import build_backbone, load_model_dir
 from denoised.models.sampling.process import process_from_config
 from denoised.models.sampling.samplers import SAMPLER_NAMES, create_sampler
-from denoised.models.zoo import ZOO_DIR, ZOO_MODELS
+from denoised.models.zoo import CLASS_MODELS, ZOO_DIR
 from denoised.models.zoo.data import CLASS_NAMES, load_digits_split
 from denoised.models.zoo.evaluate import BEGIN, END, NFES, generate, sampler_steps, write_doc
 from denoised.models.zoo.hashes import HASHES_PATH, file_hashes
@@ -36,7 +36,7 @@ def test_recorded_hashes_match_the_shipped_files():
     assert file_hashes() == json.loads(HASHES_PATH.read_text())
 
 
-@pytest.mark.parametrize("name", ZOO_MODELS)
+@pytest.mark.parametrize("name", CLASS_MODELS)
 def test_model_loads_with_the_users_loader(name):
     model = load_model_dir(ZOO_DIR / name)
     assert model.name == name
@@ -49,7 +49,7 @@ def test_model_loads_with_the_users_loader(name):
     )
 
 
-@pytest.mark.parametrize("name", ZOO_MODELS)
+@pytest.mark.parametrize("name", CLASS_MODELS)
 def test_short_generation_is_recognised(name, judge):
     x, labels, _ = generate(load_model_dir(ZOO_DIR / name), "dpmpp-2m", 10, 2.0, 16, seed=0)
     _, pred = judge_images(judge, x)
@@ -121,8 +121,8 @@ def test_training_is_seeded():
         torch.manual_seed(0)
         backbone = build_backbone(recipe["family"], recipe["architecture"])
         result = train(
-            backbone, process_from_config(recipe["process"]), split,
-            replace(settings, seed=seed), 10, log=lambda _: None,
+            backbone, process_from_config(recipe["process"]), split.train_x, split.train_y,
+            torch.tensor(10), replace(settings, seed=seed), log=lambda _: None,
         )  # fmt: skip
         assert [step for step, _, _ in result.losses] == [3]
         return result.ema.state_dict()

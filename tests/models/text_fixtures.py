@@ -10,7 +10,6 @@ its names (`CLIPTextModel` without the `text_model.` prefix) and a `tokenizer.js
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -36,6 +35,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from denoised.models.text.word_tokenizer import write_clip_word_tokenizer
+
 CLIP_MAX_LENGTH = 16  # the tokenizers' model_max_length (77 in the released models)
 T5_MAX_LENGTH = 24  # the SD3 pipelines' max_sequence_length in the tests (256 by default)
 CLIP_WIDTH, CLIP_G_WIDTH, T5_WIDTH = 32, 48, 40
@@ -54,37 +55,10 @@ def randomize(module: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.
 
 
 def write_clip_tokenizer(path: Path, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """Write a byte-level BPE in the released CLIP tokenizers' layout (vocab.json, merges.txt,
-    tokenizer_config.json; no tokenizer.json) to `path` and load it. The vocabulary holds
-    single characters (alone and word-final with `</w>`), merges for `WORDS`, then
-    `<|startoftext|>` and `<|endoftext|>` as the last ids (the legacy CLIP pooling takes the
-    highest id as the end token). SD3's second tokenizer pads with "!" (id 0), the others
-    with `<|endoftext|>`."""
-    chars = "!,.'" + "abcdefghijklmnopqrstuvwxyz0123456789"
-    tokens = [*chars, *(c + "</w>" for c in chars)]
-    merges = []
-    for word in WORDS:
-        piece = word[0]
-        for i, c in enumerate(word[1:], 1):
-            suffix = "</w>" if i == len(word) - 1 else ""
-            merges.append(f"{piece} {c}{suffix}")
-            piece += c + suffix
-            tokens.append(piece)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": CLIP_MAX_LENGTH,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad_token,
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return CLIPTokenizer.from_pretrained(path)
+    """Write a byte-level BPE in the released CLIP tokenizers' layout with merges for `WORDS`
+    (`write_clip_word_tokenizer`) to `path` and load it. SD3's second tokenizer pads with "!"
+    (id 0), the others with `<|endoftext|>`."""
+    return write_clip_word_tokenizer(path, WORDS, CLIP_MAX_LENGTH, pad_token)
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
