@@ -240,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for name in ZOO_MODELS:
         record = json.loads((zoo_dir / name / "training.json").read_text())
-        is_text = name in TEXT_MODELS
         recipe = recipes[name]
-        text = (text_card if is_text else card)(
-            name, recipe, record, text_rows if is_text else results
-        )
+        is_text = name in TEXT_MODELS
+        if is_text:
+            text = text_card(name, recipe, record, text_rows)
+        else:
+            text = card(name, recipe, record, results)
         path = zoo_dir / name / "README.md"
         if args.write:
             path.write_text(text)
