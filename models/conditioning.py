@@ -41,6 +41,12 @@ class TextContext:
         mask = None if self.mask is None else self.mask.to(device)
         return TextContext(self.tokens.to(device, dtype), mask, pooled)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the rows take once stacked (a view counts at its full size)."""
+        parts = (self.tokens, self.mask, self.pooled)
+        return sum(p.numel() * p.element_size() for p in parts if p is not None)
+
     def repeat_rows(self, n: int) -> TextContext:
         """Every row `n` times in a row (a request's n images share its prompt); a one-row
         context becomes views, not copies."""
@@ -81,6 +87,9 @@ class RowInputs(Protocol):
 
     def repeat_rows(self, n: int) -> RowInputs: ...
 
+    @property
+    def nbytes(self) -> int: ...
+
     @classmethod
     def cat(cls, parts: Sequence[Any]) -> RowInputs: ...
 
@@ -119,6 +128,12 @@ class Conditioning:
     @property
     def guided(self) -> bool:
         return self.null_inputs is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' inputs (both kinds) as a forward stacks them."""
+        parts = (self.inputs, self.null_inputs)
+        return sum(p.nbytes for p in parts if p is not None)
 
     @property
     def rows_per_sample(self) -> int:

@@ -88,6 +88,12 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
         help="on SIGTERM, how long admitted requests may take to finish (default 30)",
     )
     add(
+        "--max-batch-text-mb",
+        type=float,
+        help="per forward: MiB of text inputs (encoded prompts, cross-attention caches) the "
+        "batcher stacks; the oldest request always runs (default 1024)",
+    )
+    add(
         "--prompt-cache-mb",
         type=float,
         help="per text model: MiB of encoded prompts kept for reuse (default 256)",

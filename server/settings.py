@@ -45,6 +45,8 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     preview_size: int = 32  # longest side of the streamed x0 previews, pixels
     prompt_cache_mb: float = 256.0  # per text model: encoded prompts kept for reuse (LRU)
+    # Per forward: MiB of text inputs (encoded prompts, cross-attention caches) stacked.
+    max_batch_text_mb: float = 1024.0
     warmup: bool = True  # one small generation per model before /ready turns true
     # /ready is 503 while any configured model failed to load (the others still serve);
     # False: ready as soon as one model serves, the failed ones listed in /ready's detail.
@@ -68,8 +70,9 @@ class Settings:
         for name in ("port", "max_batch", "max_queue", "max_n", "max_steps", "max_body_bytes"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.prompt_cache_mb < 0:
-            raise ValueError(f"prompt_cache_mb must be >= 0, got {self.prompt_cache_mb}")
+        for name in ("prompt_cache_mb", "max_batch_text_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("drain_seconds", "max_timeout", "default_timeout", "max_work"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -13,7 +13,8 @@ first, once per iteration; the batcher returns the ones that run in the next for
 
 Both are fair between models: the model served least recently goes next, and each forward
 stays within its model's row limit (`BatchLimit`: `max_batch`, lowered after a forward runs
-out of memory and probed back up after a run of successes).
+out of memory and probed back up after a run of successes) and, for text models, within a
+byte budget for the text inputs it stacks (encoded prompts or cross-attention caches).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Candidate:
     samples: int  # images in the request
     guided: bool  # guided samples add an unconditional row each
     params: Hashable = None  # equal for requests the request-level mode may batch together
+    # Bytes of the request's text inputs (encoded prompts or cross-attention caches), which
+    # every forward it joins stacks into one tensor per layer.
+    text_bytes: int = 0
 
     @property
     def cost(self) -> int:
@@ -95,10 +99,11 @@ class BatchLimit:
 class _FairBatcher:
     """Round-robin between models: the model whose last forward is oldest goes next."""
 
-    def __init__(self, max_samples: int) -> None:
+    def __init__(self, max_samples: int, max_text_bytes: int | None = None) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.max_samples = max_samples
+        self.max_text_bytes = max_text_bytes  # None: text inputs are not limited
         self._tick = 0
         self._last_served: dict[str, int] = {}
 
@@ -115,17 +120,21 @@ class _FairBatcher:
 
     def _fill(self, pool: Sequence[Candidate], limits: Mapping[str, int] | None) -> list[Candidate]:
         """Oldest first while the budget (`max_samples`, or the model's lower limit in
-        `limits`) lasts; the oldest always runs, even if over budget."""
+        `limits`) and the text-input budget (`max_text_bytes`) last; the oldest always runs,
+        even if over budget."""
         budget = self.max_samples
         if pool and limits and pool[0].model in limits:
             budget = min(budget, limits[pool[0].model])
+        text_budget = self.max_text_bytes
         chosen: list[Candidate] = []
-        used = 0
+        used = text = 0
         for cand in pool:
-            if chosen and used + cand.cost > budget:
+            over_text = text_budget is not None and text + cand.text_bytes > text_budget
+            if chosen and (used + cand.cost > budget or over_text):
                 continue  # a smaller, younger request may still fit
             chosen.append(cand)
             used += cand.cost
+            text += cand.text_bytes
             if used >= budget:
                 break
         return chosen
@@ -151,8 +160,8 @@ class StepBatcher(_FairBatcher):
 class RequestBatcher(_FairBatcher):
     """Request-level batching: equal parameters only, each batch run to completion."""
 
-    def __init__(self, max_samples: int) -> None:
-        super().__init__(max_samples)
+    def __init__(self, max_samples: int, max_text_bytes: int | None = None) -> None:
+        super().__init__(max_samples, max_text_bytes)
         self._running: set[int] = set()
 
     def select(
@@ -177,7 +186,9 @@ class RequestBatcher(_FairBatcher):
         return chosen
 
 
-def make_batcher(mode: str, max_samples: int) -> StepBatcher | RequestBatcher:
+def make_batcher(
+    mode: str, max_samples: int, max_text_bytes: int | None = None
+) -> StepBatcher | RequestBatcher:
     """`mode` is "step" or "request" (the `--batching` setting)."""
     batchers: dict[str, type[StepBatcher | RequestBatcher]] = {
         "step": StepBatcher,
@@ -185,4 +196,4 @@ def make_batcher(mode: str, max_samples: int) -> StepBatcher | RequestBatcher:
     }
     if mode not in batchers:
         raise ValueError(f"batching mode must be one of {sorted(batchers)}, got {mode!r}")
-    return batchers[mode](max_samples)
+    return batchers[mode](max_samples, max_text_bytes)

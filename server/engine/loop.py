@@ -54,6 +54,7 @@ def _candidate(job: Job) -> Candidate:
         samples=p.n,
         guided=p.guided,
         params=p.batch_key,
+        text_bytes=0 if job.conditioning is None else job.conditioning.nbytes,
     )
 
 
@@ -128,7 +129,9 @@ class Engine:
             name: ModelRunner(m.loaded, faults, settings.compile, settings.max_batch, cache_bytes)
             for name, m in registry.models.items()
         }
-        self.batcher = make_batcher(settings.batching, settings.max_batch)
+        self.batcher = make_batcher(
+            settings.batching, settings.max_batch, int(settings.max_batch_text_mb * 2**20)
+        )
         self.limits = {name: BatchLimit(settings.max_batch, probe_after) for name in self.runners}
         self._jobs: list[Job] = []  # admitted and unfinished, oldest first
         self._finishing = 0  # finished jobs still being decoded/encoded

@@ -42,6 +42,17 @@ def test_oldest_runs_alone_even_over_budget():
     assert [c.id for c in batcher.select(pool)] == [0]
 
 
+def test_text_inputs_count_against_their_byte_budget():
+    # Rows would allow all four; the text inputs (prompt embeddings or caches) allow 100 bytes.
+    pool = [Candidate(i, "a", (4, 8, 8), 1, True, text_bytes=b) for i, b in
+            enumerate((60, 50, 30, 10))]  # fmt: skip
+    for batcher in (StepBatcher(64, max_text_bytes=100), make_batcher("request", 64, 100)):
+        assert [c.id for c in batcher.select(pool)] == [0, 2, 3]  # 60 + 30 + 10
+    assert [c.id for c in StepBatcher(64).select(pool)] == [0, 1, 2, 3]  # no byte budget
+    alone = [Candidate(0, "a", (4, 8, 8), 1, True, text_bytes=500), pool[3]]
+    assert [c.id for c in StepBatcher(64, 100).select(alone)] == [0]  # the oldest still runs
+
+
 def test_only_one_latent_shape_per_forward():
     batcher = StepBatcher(max_samples=64)
     pool = [cand(0, shape=(4, 8, 8)), cand(1, shape=(4, 16, 16)), cand(2, shape=(4, 8, 8))]
