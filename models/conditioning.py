@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import torch
@@ -129,7 +130,7 @@ class Conditioning:
     def guided(self) -> bool:
         return self.null_inputs is not None
 
-    @property
+    @cached_property  # read for every request at every engine iteration
     def nbytes(self) -> int:
         """Bytes of the rows' inputs (both kinds) as a forward stacks them."""
         parts = (self.inputs, self.null_inputs)

@@ -18,6 +18,7 @@ classifier-free guidance is the empty prompt `""` in both pipelines (their
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def tokenize(tokenizer: Tokenizer, prompts: list[str], max_length: int, device: 
     ).to(device)
 
 
-class TextConditioner:
+class TextConditioner(ABC):
     """A pipeline's text encoders with their tokenizers. `max_tokens` is the prompt limit, in
     the tokens of `counting_tokenizer`: the encoder that reads the most of a prompt."""
 
@@ -108,9 +109,9 @@ class TextConditioner:
                     cache.put(prompt, found[prompt])
         return [found[p] for p in prompts]
 
+    @abstractmethod
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
         """[B, L, D] hidden states and [B, P] pooled embeddings (or None) of `prompts`."""
-        raise NotImplementedError
 
 
 class StableDiffusionText(TextConditioner):
