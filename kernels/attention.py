@@ -4,8 +4,10 @@
 non-causal softmax attention with scale `1/sqrt(head_dim)`. The backend is chosen per call
 by the `attention` backend (`kernels.backends`):
 
-- `auto` (default): the Triton flash-attention kernel for CUDA tensors it supports,
-  PyTorch's `scaled_dot_product_attention` (SDPA) everywhere else;
+- `auto` (default): the Triton flash-attention kernel for CUDA tensors it supports; on
+  other devices softmax(QKᵀ/√d)V written out (`explicit_attention`) up to
+  `EXPLICIT_MAX_KEYS` keys, where SDPA's CPU kernel costs more than the work, and PyTorch's
+  `scaled_dot_product_attention` (SDPA) everywhere else;
 - `triton`: always the Triton kernel (ValueError where it cannot run);
 - `sdpa`: always SDPA.
 
@@ -321,6 +323,20 @@ def _key_padding_mask(mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return mask[:, None, None, :]
 
 
+# Off CUDA, up to this many keys the written-out attention beat SDPA's CPU flash kernel
+# 1.6-2.4x at 64 tokens (DiT-S/2 on 16x16 latents; bfloat16, eager and compiled) and 3x at
+# 16; at 256 it lost 2.7x in eager float32 (`docs/benchmarks.md`).
+EXPLICIT_MAX_KEYS = 64
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d)V as two matmuls, the scores and softmax in float32 (bf16 scores
+    lose ~0.1 in the output at unit-scale inputs): what `attention` runs on short sequences
+    off CUDA (the scores, `[B, H, N, L]`, are held whole)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.softmax(-1).to(q.dtype) @ v
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -337,4 +353,6 @@ def attention(
         return flash_attention(q, k, v)
     if q.is_cuda and triton_supports(q, k, v) is None:
         return flash_attention(q, k, v)
+    if not q.is_cuda and k.shape[-2] <= EXPLICIT_MAX_KEYS:
+        return explicit_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)

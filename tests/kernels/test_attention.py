@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from guards import DEVICE, assert_close, check_guarded, guarded_empty
 
 from denoised.kernels.attention import (
+    EXPLICIT_MAX_KEYS,
     attention,
+    explicit_attention,
     flash_attention,
     flash_attention_triton,
     split_head_dim,
@@ -86,6 +88,14 @@ def test_query_and_key_lengths_differ(n_q: int, n_kv: int) -> None:
     assert_close(flash_attention_triton(q, k, v), _reference(q, k, v), torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "keys"), [(1, 1), (16, 16), (64, 64), (17, 77)])
+def test_explicit_attention_matches_sdpa(n: int, keys: int, dtype: torch.dtype) -> None:
+    q = _randn(3, 4, n, 64, dtype=dtype, seed=71, scale=2.0)
+    k, v = (_randn(3, 4, keys, 64, dtype=dtype, seed=s, scale=2.0) for s in (72, 73))
+    assert_close(explicit_attention(q, k, v), _reference(q, k, v), dtype)
+
+
 @pytest.mark.parametrize(
     ("head_dim", "parts"), [(32, (32, 0)), (72, (64, 16)), (96, (64, 32)), (100, (64, 64))]
 )
@@ -101,8 +111,13 @@ def test_dispatch_setting() -> None:
     with using_backends(attention="triton"):
         assert torch.equal(attention(q, k, v), flash_attention_triton(q, k, v))
     with using_backends(attention="auto"):
-        expected = flash_attention_triton(q, k, v) if q.is_cuda else sdpa
+        expected = flash_attention_triton(q, k, v) if q.is_cuda else explicit_attention(q, k, v)
         assert torch.equal(attention(q, k, v), expected)
+        if not q.is_cuda:  # above EXPLICIT_MAX_KEYS keys: SDPA
+            k, v = (
+                _randn(1, 2, EXPLICIT_MAX_KEYS + 1, 32, dtype=q.dtype, seed=s) for s in (34, 35)
+            )
+            assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     with pytest.raises(ValueError, match="DENOISED_ATTENTION"):
         set_backends(attention="fast")
 
