@@ -56,7 +56,7 @@ class Settings:
     api_keys_file: str | None = None
     metrics_auth: bool = False  # whether /metrics needs an API key too
     cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-origin; () = CORS off
-    encode_threads: int = 2  # decode (VAE) + image encoding off the engine thread
+    encode_threads: int = 2  # image encoding off the engine thread (the VAE decodes on it)
     fault_injection: str = ""  # tests only: faults to inject (see server/faults.py); "" = none
 
     def __post_init__(self) -> None:
