@@ -11,8 +11,11 @@ guided evaluations (two backbone rows each) and a VAE decode.
 At concurrency 1, 4 and 16, in float32 and in bfloat16, each side finishes the same fixed
 workload (every client sends `--requests` requests back to back); images/s and the ratio,
 the pairs taken in turn over `--rounds` rounds (median). Then the engine's model FLOP
-utilisation at concurrency 16: backbone FLOPs per second against a 2048² matmul of the same
-dtype measured in this run on as many threads.
+utilisation at saturation: closed-loop clients (each sends its next request when the last
+returns) at `--saturation` concurrencies, and over a `--seconds` window after `--warmup`
+the rows forwarded and images decoded as the server's Prometheus counters count them, times
+the backbone FLOPs per row and the VAE decoder's per image, against a 2048² matmul of the
+same dtype measured in this run on as many threads.
 
     python benchmarks/vs_diffusers.py --threads 2
 """
@@ -33,7 +36,8 @@ from pathlib import Path
 import httpx
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
-from engine_batching import body, machine, server
+from engine_batching import body, closed_loop, machine, server
+from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.flop_counter import FlopCounterMode
 
 from denoised.models.checkpoints.model_dir import load_model_dir
@@ -47,7 +51,7 @@ DIT_S2 = dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, in_ch
 SMALL_VAE = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4,
                  down_block_types=("DownEncoderBlock2D",) * 4,
                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32)  # fmt: skip
-GUIDANCE = body(1, 0)["guidance_scale"]
+GUIDANCE = body(1, 0, text=False)["guidance_scale"]
 
 
 def write_pipeline(folder: Path, latent_side: int) -> None:
@@ -78,9 +82,9 @@ def diffusers_rate(pipe: DiTPipeline, concurrency: int, requests: int, steps: in
             scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
             call = DiTPipeline(pipe.transformer, pipe.vae, scheduler)
             call.set_progress_bar_config(disable=True)
-            call(class_labels=[int(body(steps, seed)["label"])], guidance_scale=GUIDANCE,
-                 generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-                 output_type="np")  # fmt: skip
+            label = int(body(steps, seed, text=False)["label"])
+            call(class_labels=[label], guidance_scale=GUIDANCE, num_inference_steps=steps,
+                 generator=torch.Generator().manual_seed(seed), output_type="np")  # fmt: skip
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -97,7 +101,9 @@ def denoised_rate(url: str, concurrency: int, requests: int, steps: int) -> floa
 
             async def client(index: int) -> None:
                 for k in range(requests):
-                    response = await http.post("/v1/generate", json=body(steps, index * 1000 + k))
+                    response = await http.post(
+                        "/v1/generate", json=body(steps, index * 1000 + k, text=False)
+                    )
                     response.raise_for_status()
 
             await asyncio.gather(*(client(i) for i in range(concurrency)))
@@ -119,13 +125,49 @@ def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> floa
     return 2 * size**3 / best
 
 
-def flops_per_row(model_dir: Path) -> float:
-    """Backbone FLOPs of one row (one sample at one evaluation), counted by torch."""
+def model_flops(model_dir: Path) -> tuple[float, float]:
+    """FLOPs of one backbone row (one sample at one evaluation) and of one image's VAE
+    decode, counted by torch."""
     loaded = load_model_dir(model_dir)
+    assert loaded.vae is not None  # the pipeline written above has one
     x = torch.randn(1, *loaded.latent_shape)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), FlopCounterMode(display=False) as backbone:
         loaded.backbone(x, torch.tensor([500.0]), torch.tensor([1]))
-    return float(counter.get_total_flops())
+    with torch.inference_mode(), FlopCounterMode(display=False) as vae:
+        loaded.vae.decode(x)
+    return float(backbone.get_total_flops()), float(vae.get_total_flops())
+
+
+def served_work(url: str) -> tuple[float, float]:
+    """(backbone rows forwarded, images decoded) so far, from the server's /metrics."""
+    totals = {"denoised_batch_samples_sum": 0.0, "denoised_images_total": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["denoised_batch_samples_sum"], totals["denoised_images_total"]
+
+
+def saturated_work(
+    url: str, concurrency: int, steps: int, warmup: float, seconds: float
+) -> tuple[float, float]:
+    """(rows/s, images/s) the server forwards and decodes under `concurrency` closed-loop
+    clients, over `seconds` after `warmup`."""
+
+    async def window() -> tuple[float, float]:
+        await asyncio.sleep(warmup)
+        (rows0, images0), started = await asyncio.to_thread(served_work, url), time.perf_counter()
+        await asyncio.sleep(seconds)
+        rows1, images1 = await asyncio.to_thread(served_work, url)
+        elapsed = time.perf_counter() - started
+        return (rows1 - rows0) / elapsed, (images1 - images0) / elapsed
+
+    async def run() -> tuple[float, float]:
+        load = closed_loop(url, [steps] * concurrency, warmup, seconds, text=False)
+        _, rates = await asyncio.gather(load, window())
+        return rates
+
+    return asyncio.run(run())
 
 
 def main() -> None:
@@ -136,6 +178,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, nargs=3, default=(3, 2, 1),
                         help="requests per client at concurrency 1, 4, 16")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="rounds per pair (median)")
+    parser.add_argument("--saturation", type=int, nargs="+", default=(16, 48),
+                        help="closed-loop concurrencies for the utilisation")  # fmt: skip
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds before the window")
+    parser.add_argument("--seconds", type=float, default=30.0, help="utilisation window")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}; {args.threads} threads on both sides")
@@ -166,8 +212,13 @@ def main() -> None:
                     rates.setdefault((dtype, c, "denoised"), []).append(
                         denoised_rate(url, c, n, args.steps)
                     )
+        work = {
+            (dtype, c): saturated_work(urls[dtype], c, args.steps, args.warmup, args.seconds)
+            for dtype in DTYPES
+            for c in args.saturation
+        }
         matmul = {dtype: matmul_rate(getattr(torch, dtype)) for dtype in DTYPES}
-        row_flops = flops_per_row(model_dir)
+        row_flops, vae_flops = model_flops(model_dir)
 
     median = {key: statistics.median(values) for key, values in rates.items()}
     print("| dtype | concurrency | diffusers DiTPipeline (images/s) | denoised serve (images/s) "
@@ -179,13 +230,15 @@ def main() -> None:
     base = median[("float32", 16, "diffusers")]
     print(f"\nconcurrency 16, denoised bfloat16 over diffusers float32 (its default): "
           f"{median[('bfloat16', 16, 'denoised')] / base:.2f}x")  # fmt: skip
-    print(f"\nbackbone: {row_flops / 1e9:.2f} GFLOP per row, {2 * args.steps} rows per image")
-    print("| dtype | 2048² matmul (GFLOP/s) | engine at concurrency 16 (GFLOP/s) | utilisation |"
-          "\n|---|---|---|---|")  # fmt: skip
-    for dtype in DTYPES:
-        engine = median[(dtype, 16, "denoised")] * 2 * args.steps * row_flops
-        print(f"| {dtype} | {matmul[dtype] / 1e9:.0f} | {engine / 1e9:.0f} | "
-              f"{engine / matmul[dtype]:.0%} |")  # fmt: skip
+    print(f"\nbackbone {row_flops / 1e9:.2f} GFLOP per row ({2 * args.steps} rows per image), "
+          f"VAE decode {vae_flops / 1e9:.2f} GFLOP per image; closed loop, "
+          f"{args.seconds:g} s after {args.warmup:g} s")  # fmt: skip
+    print("| dtype | 2048² matmul (GFLOP/s) | concurrency | rows/s | images/s "
+          "| engine (GFLOP/s) | utilisation |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for (dtype, c), (rows, images) in work.items():
+        engine = rows * row_flops + images * vae_flops
+        print(f"| {dtype} | {matmul[dtype] / 1e9:.0f} | {c} | {rows:.1f} | {images:.2f} | "
+              f"{engine / 1e9:.0f} | {engine / matmul[dtype]:.0%} |")  # fmt: skip
 
 
 if __name__ == "__main__":
