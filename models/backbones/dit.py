@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from denoised.kernels.activations import gelu_tanh
 
 # The elementwise steps around every branch of a block: fused Triton kernels on CUDA, the
 # PyTorch reference elsewhere (kernels/adaln.py).
@@ -156,7 +157,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):

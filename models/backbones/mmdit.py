@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from denoised.kernels.activations import gelu_tanh
 from denoised.kernels.adaln import (
     gate_residual,
     gate_residual_layer_norm_modulate,
@@ -263,7 +264,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj = cast(nn.Linear, self.net[0].proj)
-        return self.net[2](F.gelu(proj(x), approximate="tanh"))
+        return self.net[2](gelu_tanh(proj(x)))
 
 
 class JointTransformerBlock(nn.Module):
