@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 REQUESTS = 250
 CONCURRENCY = 64
-RSS_GROWTH_BOUND = 48 * MiB  # across a second round of the same load
+RSS_GROWTH_BOUND = 48 * MiB  # across a third round of the same load
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +36,23 @@ def test_mixed_load_loses_nothing_and_rejects_only_with_429(server):
     assert {b["n"] for b in bodies} == {1, 2, 3, 4}
     assert {b.get("guidance_scale") for b in bodies} >= {1.0, 3.0}
 
-    async def two_rounds():
-        first = await run_load(server.url, bodies, CONCURRENCY, seconds=120)
+    async def three_rounds():
+        tallies = [await run_load(server.url, bodies, CONCURRENCY, seconds=120) for _ in range(2)]
         samples: list[tuple[float, int]] = []
         sampler = asyncio.create_task(sample_rss(server.process.pid, 0.5, samples))
-        second = await run_load(server.url, bodies, CONCURRENCY, seconds=120)
+        tallies.append(await run_load(server.url, bodies, CONCURRENCY, seconds=120))
         sampler.cancel()
-        return first, second, samples
+        return tallies, samples
 
     before = rss_bytes(server.process.pid)
-    first, second, samples = asyncio.run(two_rounds())
-    for tally in (first, second):
+    tallies, samples = asyncio.run(three_rounds())
+    for tally in tallies:
         print(tally.summary())
         assert tally.sent == REQUESTS, "the load stopped at its time bound"
         assert tally.problems() == []
         assert tally.server_errors == 0
         assert tally.statuses[200] > REQUESTS // 2
-    assert first.statuses[429] + second.statuses[429] > 0, "the small queue never filled"
+    assert sum(t.statuses[429] for t in tallies) > 0, "the small queue never filled"
 
     # The server counted what the clients saw.
     metrics = metric_samples(server.url)
@@ -61,16 +61,18 @@ def test_mixed_load_loses_nothing_and_rejects_only_with_429(server):
         for c in cards
         for s in c["samplers"]
     )
-    assert ok == first.statuses[200] + second.statuses[200]
+    assert ok == sum(t.statuses[200] for t in tallies)
     for card in cards:
         assert value(metrics, "denoised_active_requests", model=card["id"]) == 0
         assert value(metrics, "denoised_queue_depth", model=card["id"]) == 0
 
-    # The first round paid the one-time costs; repeating the same load must not grow RSS.
-    after_first = samples[0][1]
+    # The first rounds paid the one-time costs and brought the allocator's pools to the
+    # load's working set (random batch compositions reach their largest only over time);
+    # repeating the same load once more must not grow RSS.
+    after_second = samples[0][1]
     end = rss_bytes(server.process.pid)
-    print(f"RSS: {before / MiB:.1f} → {after_first / MiB:.1f} → {end / MiB:.1f} MiB")
-    assert end - after_first < RSS_GROWTH_BOUND
+    print(f"RSS: {before / MiB:.1f} → {after_second / MiB:.1f} → {end / MiB:.1f} MiB")
+    assert end - after_second < RSS_GROWTH_BOUND
 
 
 def test_an_idle_connection_outlives_the_clients_idle_expiry(server):
