@@ -113,7 +113,9 @@ def test_cache_for_a_batch_of_two_requests(pair):
         alone_a = ours(x[:2], t[:2], TextContext(text_a.expand(2, -1, -1)))
         alone_b = ours(x[2:], t[2:], TextContext(text_b, mask_b))
         expected = torch.cat([alone_a, alone_b])
-        assert (out - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
+        # Float32 GEMMs of 3 and of 2 + 1 rows round differently (4.6e-7 of the largest value
+        # on an AVX2 CPU): the bound is the diffusers comparison's; a wrong mask costs > 1e-3.
+        assert_close(out, expected)
         assert torch.equal(ours(x[2:], t[2:], cache_b), alone_b)
         assert_close(out[2:], ref(x[2:], t[2:], text_b, encoder_attention_mask=mask_b).sample)
 
