@@ -1,7 +1,9 @@
 """Which requests share the next backbone forward (torch-free, so it is unit-tested alone).
 
-The engine hands the batcher every admitted, unfinished request as a `Candidate`, oldest
-first, once per iteration; the batcher returns the ones that run in the next forward.
+The engine keeps every admitted, unfinished request as a `Candidate` in its model's queue
+(oldest first) and asks the batcher, once per iteration, for the ones that run in the next
+forward. The batcher reads a queue only as far as that forward needs (see `LOOKAHEAD`), so an
+iteration costs the same with ten requests waiting or ten thousand.
 
 - `StepBatcher` (step-level batching): any requests of one model and latent shape share a
   forward whatever their sampler, step count, guidance scale or progress. Oldest first under
@@ -19,7 +21,7 @@ byte budget for the text inputs it stacks (encoded prompts or cross-attention ca
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 # Iterations without running out of memory before a lowered limit is probed upward (doubled).
@@ -30,6 +32,10 @@ from dataclasses import dataclass
 # iterations: seconds on a GPU.
 PROBE_AFTER = 64
 MAX_PROBE_WAIT_FACTOR = 16
+# Candidates a forward's selection passes over (too large, another shape or other parameters)
+# before it stops looking: younger requests may fill a gap the budget leaves, but the cost of
+# an iteration must not grow with the queue.
+LOOKAHEAD = 64
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,10 @@ class Candidate:
     @property
     def cost(self) -> int:
         return self.samples * (2 if self.guided else 1)
+
+
+# Each model's waiting and running requests, by id (ids grow with arrival), oldest first.
+Queues = Mapping[str, Mapping[int, Candidate]]
 
 
 class BatchLimit:
@@ -96,6 +106,10 @@ class BatchLimit:
             self._probing = True
 
 
+def _oldest(queue: Mapping[int, Candidate]) -> Candidate:
+    return queue[next(iter(queue))]
+
+
 class _FairBatcher:
     """Round-robin between models: the model whose last forward is oldest goes next."""
 
@@ -107,31 +121,37 @@ class _FairBatcher:
         self._tick = 0
         self._last_served: dict[str, int] = {}
 
-    def _next_model(self, candidates: Sequence[Candidate]) -> str:
-        # Ties (never served) go to the model with the oldest request.
-        first_seen: dict[str, int] = {}
-        for position, cand in enumerate(candidates):
-            first_seen.setdefault(cand.model, position)
-        return min(first_seen, key=lambda m: (self._last_served.get(m, -1), first_seen[m]))
+    def _next_model(self, queues: Queues) -> str | None:
+        """The model to serve next (None: no candidates). Ties (never served) go to the
+        model with the oldest request: ids grow with arrival."""
+        waiting = [(self._last_served.get(m, -1), next(iter(q)), m) for m, q in queues.items() if q]
+        return min(waiting)[2] if waiting else None
 
     def _served(self, model: str) -> None:
         self._tick += 1
         self._last_served[model] = self._tick
 
-    def _fill(self, pool: Sequence[Candidate], limits: Mapping[str, int] | None) -> list[Candidate]:
-        """Oldest first while the budget (`max_samples`, or the model's lower limit in
-        `limits`) and the text-input budget (`max_text_bytes`) last; the oldest always runs,
-        even if over budget."""
-        budget = self.max_samples
-        if pool and limits and pool[0].model in limits:
-            budget = min(budget, limits[pool[0].model])
+    def _budget(self, model: str, limits: Mapping[str, int] | None) -> int:
+        """Rows per forward of `model`: `max_samples`, or its lower limit in `limits`."""
+        return min(self.max_samples, (limits or {}).get(model, self.max_samples))
+
+    def _fill(
+        self, pool: Iterable[Candidate], fits: Callable[[Candidate], bool], budget: int
+    ) -> list[Candidate]:
+        """Oldest first, those of `pool` that `fits`, while the row `budget` and the
+        text-input budget (`max_text_bytes`) last; the first always runs, even if over budget.
+        Past one that does not fit, younger ones are still looked at (a smaller one may fill
+        the gap), but at most `LOOKAHEAD` are passed over: a long queue costs no more."""
         text_budget = self.max_text_bytes
         chosen: list[Candidate] = []
-        used = text = 0
+        used = text = passed = 0
         for cand in pool:
             over_text = text_budget is not None and text + cand.text_bytes > text_budget
-            if chosen and (used + cand.cost > budget or over_text):
-                continue  # a smaller, younger request may still fit
+            if chosen and (used + cand.cost > budget or over_text or not fits(cand)):
+                passed += 1
+                if passed > LOOKAHEAD:
+                    break
+                continue
             chosen.append(cand)
             used += cand.cost
             text += cand.text_bytes
@@ -143,18 +163,16 @@ class _FairBatcher:
 class StepBatcher(_FairBatcher):
     """Step-level batching: mixed samplers, step counts and progress in one forward."""
 
-    def select(
-        self, candidates: Sequence[Candidate], limits: Mapping[str, int] | None = None
-    ) -> list[Candidate]:
-        """`candidates` oldest first; `limits`: rows per forward by model where lower than
-        `max_samples`. Returns the requests for the next forward."""
-        if not candidates:
+    def select(self, queues: Queues, limits: Mapping[str, int] | None = None) -> list[Candidate]:
+        """`queues`: each model's candidates by id, oldest first; `limits`: rows per forward
+        by model where lower than `max_samples`. Returns the requests for the next forward."""
+        model = self._next_model(queues)
+        if model is None:
             return []
-        model = self._next_model(candidates)
-        same_model = [c for c in candidates if c.model == model]
-        shape = same_model[0].shape
         self._served(model)
-        return self._fill([c for c in same_model if c.shape == shape], limits)
+        queue = queues[model]
+        shape = _oldest(queue).shape
+        return self._fill(queue.values(), lambda c: c.shape == shape, self._budget(model, limits))
 
 
 class RequestBatcher(_FairBatcher):
@@ -162,27 +180,29 @@ class RequestBatcher(_FairBatcher):
 
     def __init__(self, max_samples: int, max_text_bytes: int | None = None) -> None:
         super().__init__(max_samples, max_text_bytes)
-        self._running: set[int] = set()
+        self._running: list[int] = []  # the ids of the batch in progress, oldest first
+        self._running_model = ""
 
-    def select(
-        self, candidates: Sequence[Candidate], limits: Mapping[str, int] | None = None
-    ) -> list[Candidate]:
-        running = [c for c in candidates if c.id in self._running]
+    def select(self, queues: Queues, limits: Mapping[str, int] | None = None) -> list[Candidate]:
+        queue = queues.get(self._running_model, {})
+        running = [queue[i] for i in self._running if i in queue]
         if running:
             # Late arrivals wait for the whole batch to finish; a batch over its model's
             # (lowered) limit runs in parts, oldest first.
-            return self._fill(running, limits)
-        if not candidates:
-            self._running = set()
+            return self._fill(running, lambda c: True, self._budget(self._running_model, limits))
+        model = self._next_model(queues)
+        if model is None:
+            self._running = []
             return []
-        model = self._next_model(candidates)
-        same_model = [c for c in candidates if c.model == model]
-        head = same_model[0]
         self._served(model)
+        queue = queues[model]
+        head = _oldest(queue)
         chosen = self._fill(
-            [c for c in same_model if c.shape == head.shape and c.params == head.params], limits
+            queue.values(),
+            lambda c: c.shape == head.shape and c.params == head.params,
+            self._budget(model, limits),
         )
-        self._running = {c.id for c in chosen}
+        self._running, self._running_model = [c.id for c in chosen], model
         return chosen
 
 

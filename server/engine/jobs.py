@@ -107,7 +107,6 @@ class Job:
     seq: int = field(default_factory=lambda: next(_arrival))
     admitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # first forward chosen
-    cancelled: bool = False  # set from the event loop; the engine drops the job next iteration
     conditioning: Conditioning | None = None  # params.conditioning, or the encoded prompts
     prompt_tokens: int | None = None  # text models: the prompt's tokens, before truncation
     truncated: bool | None = None  # whether the prompt was cut to the encoder's limit

@@ -2,8 +2,9 @@
 the batcher picks the requests for the next forward, a `ModelRunner` advances them by one
 model evaluation, finished requests leave at once: the engine thread decodes them (the VAE,
 batched across the requests that finished together) and a small thread pool encodes the
-images. HTTP handlers on the event loop `submit` jobs and await their futures; cancellation,
-deadlines and draining are checked once per iteration.
+images. HTTP handlers on the event loop `submit` jobs into an inbox and await their futures;
+the engine takes them into its own books (`queues.JobQueues`) and checks cancellations,
+deadlines and draining once per iteration, at a cost that does not grow with the queue.
 
 A forward that runs out of device memory is split and retried, and the model's forwards are
 then planned within a lower row limit (`batcher.BatchLimit`), probed back up after a run of
@@ -17,6 +18,7 @@ import math
 import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,7 @@ import torch
 
 from denoised.models.sampling.samplers import SAMPLER_NAMES
 from denoised.server.admission import GenerationRequest, admit
-from denoised.server.engine.batcher import PROBE_AFTER, BatchLimit, Candidate, make_batcher
+from denoised.server.engine.batcher import PROBE_AFTER, BatchLimit, make_batcher
 from denoised.server.engine.jobs import (
     Draining,
     GenerationParams,
@@ -36,6 +38,7 @@ from denoised.server.engine.jobs import (
     Progress,
     QueueFull,
 )
+from denoised.server.engine.queues import JobQueues
 from denoised.server.engine.runner import ModelRunner
 from denoised.server.faults import parse_faults
 from denoised.server.imaging import encode_image, encode_stack_npy, preview_png, to_unit_range
@@ -44,19 +47,6 @@ from denoised.server.registry import ModelRegistry, ServedModel
 from denoised.server.settings import Settings
 
 log = logging.getLogger("denoised.engine")
-
-
-def _candidate(job: Job) -> Candidate:
-    p = job.params
-    return Candidate(
-        id=job.seq,
-        model=p.model,
-        shape=p.latent_shape,
-        samples=p.n,
-        guided=p.guided,
-        params=p.batch_key,
-        text_bytes=0 if job.conditioning is None else job.conditioning.nbytes,
-    )
 
 
 def _rows(jobs: list[Job]) -> int:
@@ -152,9 +142,15 @@ class Engine:
             settings.batching, settings.max_batch, int(settings.max_batch_text_mb * 2**20)
         )
         self.limits = {name: BatchLimit(settings.max_batch, probe_after) for name in self.runners}
-        self._jobs: list[Job] = []  # admitted and unfinished, oldest first
-        self._finishing = 0  # finished jobs still being encoded
+        self._queues = JobQueues()  # the engine thread's own
+        # Guarded by _cv: what the event loop hands over, and the counts it reads.
         self._cv = threading.Condition()
+        self._inbox: list[Job] = []  # submitted, not yet taken into `_queues`
+        self._cancelled: list[Job] = []  # their clients went away
+        self._admitted = 0  # submitted and not yet answered or handed to the finishing pool
+        self._waiting: Counter[str] = Counter()  # per model: admitted, no forward yet
+        self._active: Counter[str] = Counter()  # per model: in forwards, not finished
+        self._finishing = 0  # finished jobs still being encoded
         self._draining = False
         self._stopping = False
         self._request_seconds = 1.0  # running mean, for Retry-After
@@ -181,18 +177,19 @@ class Engine:
             if self._draining:
                 self.metrics.requests.labels(**labels, status="rejected").inc()
                 raise Draining()
-            waiting = sum(1 for j in self._jobs if j.started_at is None)
-            if waiting >= self.settings.max_queue:
+            if self._waiting.total() >= self.settings.max_queue:
                 self.metrics.requests.labels(**labels, status="rejected").inc()
                 raise QueueFull(retry_after=max(1, math.ceil(self._request_seconds)))
-            self._jobs.append(job)
-            self._update_gauges()
+            self._inbox.append(job)
+            self._admitted += 1
+            self._count(job.params.model, waiting=1)
             self._cv.notify()
 
     def cancel(self, job: Job) -> None:
-        """Drop a job at the start of the next iteration (its client went away)."""
-        job.cancelled = True
+        """Drop a job at the start of the next iteration (its client went away); a job that
+        has finished already is left alone."""
         with self._cv:
+            self._cancelled.append(job)
             self._cv.notify()
 
     def drain(self) -> None:
@@ -207,7 +204,7 @@ class Engine:
     @property
     def idle(self) -> bool:
         with self._cv:
-            return not self._jobs and self._finishing == 0
+            return not self._admitted and self._finishing == 0
 
     def stop(self) -> None:
         """End the loop after the current iteration; jobs still admitted fail with 503."""
@@ -259,34 +256,36 @@ class Engine:
 
     # ---- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
+        queues = self._queues
         while True:
             with self._cv:
-                while not self._jobs and not self._stopping:
+                while not (self._inbox or self._cancelled or queues or self._stopping):
                     self._cv.wait()
                 if self._stopping:
-                    leftover, self._jobs = self._jobs, []
+                    for job in self._inbox:
+                        queues.add(job)
+                    self._inbox = []
                     break
-                jobs = list(self._jobs)
-            live = self._encode_pending([job for job in jobs if not self._reaped(job)])
-            if live:
-                by_seq = {job.seq: job for job in live}
-                limits = {name: limit.rows for name, limit in self.limits.items()}
-                candidates = [_candidate(job) for job in live]
-                chosen = [by_seq[c.id] for c in self.batcher.select(candidates, limits)]
+                new, self._inbox = self._inbox, []
+                cancelled, self._cancelled = self._cancelled, []
+            for job in new:
+                queues.add(job)
+            self._reap(cancelled)
+            self._encode_pending()
+            limits = {name: limit.rows for name, limit in self.limits.items()}
+            chosen = [queues.jobs[c.id] for c in self.batcher.select(queues.ready, limits)]
+            if chosen:
                 self._iterate(chosen)
-            with self._cv:
-                self._update_gauges()
-        for job in leftover:
+        for job in list(queues.jobs.values()):
             self._end(job, Draining("the server stopped before this request finished"), "failed")
 
-    def _encode_pending(self, jobs: list[Job]) -> list[Job]:
+    def _encode_pending(self) -> None:
         """Encode the prompts of the text jobs that have none yet, one batch per model (so a
-        request's prompt is encoded once, not per step); the jobs of a model whose encoding
-        fails fail. Returns the jobs that can step."""
+        request's prompt is encoded once, not per step); they then join forwards. The jobs
+        of a model whose encoding fails fail."""
         pending: dict[str, list[Job]] = {}
-        for job in jobs:
-            if job.conditioning is None:
-                pending.setdefault(job.params.model, []).append(job)
+        for job in self._queues.unencoded.values():
+            pending.setdefault(job.params.model, []).append(job)
         for model, group in pending.items():
             runner = self.runners[model]
             cache = runner.prompt_cache
@@ -300,22 +299,23 @@ class Engine:
                     error = JobError(500, f"encoding the prompt failed: {type(exc).__name__}",
                                      "internal_error")  # fmt: skip
                     self._end(job, error, "failed")
+            else:
+                for job in group:
+                    self._queues.mark_ready(job)
             self.metrics.prompt_cache_hits.labels(model=model).inc(cache.hits - hits)
             self.metrics.prompt_cache_misses.labels(model=model).inc(cache.misses - misses)
-        return [job for job in jobs if job.conditioning is not None]
 
-    def _reaped(self, job: Job) -> bool:
-        if job.cancelled:
-            self._end(job, JobError(499, "cancelled by the client", "cancelled"), "cancelled")
-            return True
-        if time.monotonic() > job.deadline:
+    def _reap(self, cancelled: list[Job]) -> None:
+        """End the jobs whose clients went away, and those past their deadline."""
+        for job in cancelled:
+            if job.seq in self._queues.jobs:
+                self._end(job, JobError(499, "cancelled by the client", "cancelled"), "cancelled")
+        for job in self._queues.expired(time.monotonic()):
             p = job.params
             done = job.state.step_index
             message = f"timeout of {p.timeout:g} s exceeded after {done} of {p.nfe} evaluations"
             self.metrics.deadline_misses.labels(model=p.model).inc()
             self._end(job, JobError(504, message, "timeout"), "timeout")
-            return True
-        return False
 
     def _iterate(self, jobs: list[Job]) -> None:
         model = jobs[0].params.model
@@ -324,6 +324,9 @@ class Engine:
         for job in first:
             job.started_at = now
             self.metrics.queue_wait.labels(model=model).observe(now - job.admitted_at)
+        if first:
+            with self._cv:
+                self._count(model, waiting=-len(first), active=len(first))
 
         started = time.perf_counter()
         ran: list[int] = []
@@ -400,9 +403,14 @@ class Engine:
             log.info("%s: probing forwards of up to %d rows", model, limit.rows)
 
     def _remove(self, job: Job, finishing: bool) -> None:
+        if not self._queues.remove(job):
+            return
         with self._cv:
-            if job in self._jobs:
-                self._jobs.remove(job)
+            self._admitted -= 1
+            if job.started_at is None:
+                self._count(job.params.model, waiting=-1)
+            else:
+                self._count(job.params.model, active=-1)
             if finishing:
                 self._finishing += 1
 
@@ -481,12 +489,10 @@ class Engine:
             with self._cv:
                 self._finishing -= 1
 
-    def _update_gauges(self) -> None:
-        """Queue depth and active requests per model (call with the lock held)."""
-        for name in self.registry.models:
-            waiting = sum(1 for j in self._jobs if j.params.model == name and j.started_at is None)
-            active = sum(
-                1 for j in self._jobs if j.params.model == name and j.started_at is not None
-            )
-            self.metrics.queue_depth.labels(model=name).set(waiting)
-            self.metrics.active_requests.labels(model=name).set(active)
+    def _count(self, model: str, waiting: int = 0, active: int = 0) -> None:
+        """Move `model`'s counts of waiting and active requests, and their gauges (call with
+        the lock held)."""
+        self._waiting[model] += waiting
+        self._active[model] += active
+        self.metrics.queue_depth.labels(model=model).set(self._waiting[model])
+        self.metrics.active_requests.labels(model=model).set(self._active[model])

@@ -30,3 +30,16 @@ def test_saturation_window_counts_the_servers_work(server, monkeypatch) -> None:
     assert images > 0
     # The benchmark's requests are guided: two backbone rows per image and evaluation.
     assert rows / images == pytest.approx(2 * steps, rel=0.5)
+
+
+def test_queue_benchmark_runs_and_counts_forwards() -> None:
+    """A short run on the shipped default model: every row reports forwards it counted."""
+    run = subprocess.run(
+        [sys.executable, "engine_queue.py", "--no-compile", "--depths", "0", "200",
+         "--max-batch", "2", "--running", "2", "--steps", "50", "--seconds", "0.5"],
+        capture_output=True, text=True, cwd=BENCHMARKS, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| 2 ")]
+    assert [int(row[1]) for row in rows] == [0, 200]
+    assert all(float(row[2]) > 0 for row in rows)

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from denoised.server.engine.batcher import (
+    LOOKAHEAD,
     MAX_PROBE_WAIT_FACTOR,
     BatchLimit,
     Candidate,
@@ -17,6 +18,14 @@ from denoised.server.engine.batcher import (
 
 def cand(id, model="a", shape=(4, 8, 8), samples=1, guided=False, params=None):
     return Candidate(id=id, model=model, shape=shape, samples=samples, guided=guided, params=params)
+
+
+def queues(pool):
+    """`pool` (oldest first) as the engine keeps it: each model's candidates by id."""
+    by_model = {}
+    for c in pool:
+        by_model.setdefault(c.model, {})[c.id] = c
+    return by_model
 
 
 def test_guided_samples_cost_two_rows():
@@ -33,13 +42,13 @@ def test_oldest_first_within_budget_and_smaller_requests_fill_the_gap():
         cand(3, samples=1),  # 1  -> 8
         cand(4, samples=1),
     ]
-    assert [c.id for c in batcher.select(pool)] == [0, 1, 3]
+    assert [c.id for c in batcher.select(queues(pool))] == [0, 1, 3]
 
 
 def test_oldest_runs_alone_even_over_budget():
     batcher = StepBatcher(max_samples=1)
     pool = [cand(0, samples=2, guided=True), cand(1)]
-    assert [c.id for c in batcher.select(pool)] == [0]
+    assert [c.id for c in batcher.select(queues(pool))] == [0]
 
 
 def test_text_inputs_count_against_their_byte_budget():
@@ -47,28 +56,66 @@ def test_text_inputs_count_against_their_byte_budget():
     pool = [Candidate(i, "a", (4, 8, 8), 1, True, text_bytes=b) for i, b in
             enumerate((60, 50, 30, 10))]  # fmt: skip
     for batcher in (StepBatcher(64, max_text_bytes=100), make_batcher("request", 64, 100)):
-        assert [c.id for c in batcher.select(pool)] == [0, 2, 3]  # 60 + 30 + 10
-    assert [c.id for c in StepBatcher(64).select(pool)] == [0, 1, 2, 3]  # no byte budget
+        assert [c.id for c in batcher.select(queues(pool))] == [0, 2, 3]  # 60 + 30 + 10
+    assert [c.id for c in StepBatcher(64).select(queues(pool))] == [0, 1, 2, 3]  # no byte budget
     alone = [Candidate(0, "a", (4, 8, 8), 1, True, text_bytes=500), pool[3]]
-    assert [c.id for c in StepBatcher(64, 100).select(alone)] == [0]  # the oldest still runs
+    assert [c.id for c in StepBatcher(64, 100).select(queues(alone))] == [
+        0
+    ]  # the oldest still runs
+
+
+class CountingQueue(dict):
+    """A model's queue that counts the candidates a selection reads."""
+
+    read = 0
+
+    def values(self):
+        for value in super().values():
+            CountingQueue.read += 1
+            yield value
+
+
+@pytest.mark.parametrize("mode", ["step", "request"])
+def test_a_selection_reads_as_far_as_the_forward_needs_not_the_whole_queue(mode):
+    batcher = make_batcher(mode, max_samples=8)
+    for waiting in (10, 10_000):
+        queue = CountingQueue((i, cand(i, samples=1, guided=True)) for i in range(waiting))
+        CountingQueue.read = 0
+        assert [c.id for c in batcher.select({"a": queue})] == [0, 1, 2, 3]
+        assert CountingQueue.read == 4
+        batcher = make_batcher(mode, max_samples=8)  # request mode: a new batch each time
+
+
+def test_younger_requests_fill_a_gap_within_the_lookahead_only():
+    batcher = StepBatcher(max_samples=8)
+    big = [cand(i, samples=2, guided=True) for i in range(1, 1 + 2 * LOOKAHEAD)]  # 4 rows each
+    first = cand(0, samples=5)  # 5 rows: the big ones no longer fit, a small one would
+    near = [first, *big[:LOOKAHEAD], cand(1000, samples=1), *big[LOOKAHEAD:]]
+    assert [c.id for c in batcher.select(queues(near))] == [0, 1000]
+    far = [first, *big, cand(1000, samples=1)]
+    assert [c.id for c in batcher.select(queues(far))] == [0]  # passed over too many to reach it
+    # Other shapes count as passed over too: the oldest's shape runs, within the look-ahead.
+    other = [cand(i, shape=(4, 16, 16)) for i in range(1, LOOKAHEAD + 2)]
+    assert [c.id for c in batcher.select(queues([first, *other, cand(999)]))] == [0]
+    assert [c.id for c in batcher.select(queues([first, *other[1:], cand(999)]))] == [0, 999]
 
 
 def test_only_one_latent_shape_per_forward():
     batcher = StepBatcher(max_samples=64)
     pool = [cand(0, shape=(4, 8, 8)), cand(1, shape=(4, 16, 16)), cand(2, shape=(4, 8, 8))]
-    assert [c.id for c in batcher.select(pool)] == [0, 2]
+    assert [c.id for c in batcher.select(queues(pool))] == [0, 2]
 
 
 def test_mixed_parameters_share_a_forward_in_step_mode():
     batcher = StepBatcher(max_samples=64)
     pool = [cand(i, params=("ddim", 10 + i)) for i in range(5)]
-    assert [c.id for c in batcher.select(pool)] == [0, 1, 2, 3, 4]
+    assert [c.id for c in batcher.select(queues(pool))] == [0, 1, 2, 3, 4]
 
 
 def test_models_take_turns():
     batcher = StepBatcher(max_samples=64)
     pool = [cand(0, "a"), cand(1, "b"), cand(2, "a"), cand(3, "c")]
-    served = [batcher.select(pool)[0].model for _ in range(6)]
+    served = [batcher.select(queues(pool))[0].model for _ in range(6)]
     assert served == ["a", "b", "c", "a", "b", "c"]
 
 
@@ -79,7 +126,7 @@ def test_fairness_holds_on_random_traffic():
     pool = [cand(i, rng.choice(models), samples=rng.randint(1, 3)) for i in range(60)]
     counts = dict.fromkeys(models, 0)
     for _ in range(30):
-        chosen = batcher.select(pool)
+        chosen = batcher.select(queues(pool))
         assert len({c.model for c in chosen}) == 1
         assert sum(c.cost for c in chosen) <= 4 or len(chosen) == 1
         counts[chosen[0].model] += 1
@@ -89,22 +136,22 @@ def test_fairness_holds_on_random_traffic():
 def test_request_mode_batches_equal_params_and_runs_them_to_completion():
     batcher = RequestBatcher(max_samples=64)
     pool = [cand(0, params="p"), cand(1, params="q"), cand(2, params="p")]
-    assert [c.id for c in batcher.select(pool)] == [0, 2]
+    assert [c.id for c in batcher.select(queues(pool))] == [0, 2]
     # A newcomer with equal parameters does not join a running batch.
     pool = [*pool, cand(3, params="p")]
-    assert [c.id for c in batcher.select(pool)] == [0, 2]
+    assert [c.id for c in batcher.select(queues(pool))] == [0, 2]
     # Request 0 finishes; the batch continues with what is left of it.
     pool = [c for c in pool if c.id != 0]
-    assert [c.id for c in batcher.select(pool)] == [2]
+    assert [c.id for c in batcher.select(queues(pool))] == [2]
     pool = [c for c in pool if c.id != 2]
-    assert [c.id for c in batcher.select(pool)] == [1]
+    assert [c.id for c in batcher.select(queues(pool))] == [1]
     pool = [c for c in pool if c.id != 1]
-    assert [c.id for c in batcher.select(pool)] == [3]
-    assert batcher.select([]) == []
+    assert [c.id for c in batcher.select(queues(pool))] == [3]
+    assert batcher.select(queues([])) == []
 
 
 def test_empty_and_bad_settings():
-    assert StepBatcher(4).select([]) == []
+    assert StepBatcher(4).select(queues([])) == []
     with pytest.raises(ValueError, match="max_samples"):
         StepBatcher(0)
     with pytest.raises(ValueError, match="step"):
@@ -117,26 +164,26 @@ def test_a_models_limit_bounds_only_its_own_forwards():
     pool = [cand(i, "a" if i % 2 else "b", samples=1 + i % 3) for i in range(20)]
     limits = {"a": 5}
     for _ in range(6):
-        chosen = batcher.select(pool, limits)
+        chosen = batcher.select(queues(pool), limits)
         rows = sum(c.cost for c in chosen)
         if chosen[0].model == "a":
             assert rows == 5  # oldest first, smaller ones filling the gap
         else:
             assert 5 < rows <= 16
     # A lone request over the limit still runs, alone.
-    assert [c.id for c in batcher.select([cand(0, samples=4, guided=True), cand(1)], {"a": 5})] == [
-        0
-    ]
+    assert [
+        c.id for c in batcher.select(queues([cand(0, samples=4, guided=True), cand(1)]), {"a": 5})
+    ] == [0]
 
 
 def test_request_mode_runs_a_batch_over_the_limit_in_parts():
     batcher = RequestBatcher(max_samples=64)
     pool = [cand(i, params="p", samples=2) for i in range(5)]
-    assert [c.id for c in batcher.select(pool)] == [0, 1, 2, 3, 4]
+    assert [c.id for c in batcher.select(queues(pool))] == [0, 1, 2, 3, 4]
     # The limit drops below the running batch: its oldest part runs, the rest waits its turn.
-    assert [c.id for c in batcher.select(pool, {"a": 6})] == [0, 1, 2]
+    assert [c.id for c in batcher.select(queues(pool), {"a": 6})] == [0, 1, 2]
     pool = pool[3:]  # the first part finished
-    assert [c.id for c in batcher.select([*pool, cand(9, params="p")], {"a": 6})] == [3, 4]
+    assert [c.id for c in batcher.select(queues([*pool, cand(9, params="p")]), {"a": 6})] == [3, 4]
 
 
 def succeed(limit: BatchLimit, iterations: int) -> None:

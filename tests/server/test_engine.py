@@ -183,6 +183,44 @@ def test_cancel_frees_the_request_at_the_next_step(make_engine):
     assert engine.idle
 
 
+def test_queued_requests_time_out_or_cancel_without_running_and_are_counted(make_engine):
+    """Behind one long request (max_batch 1: nothing else runs), 40 queued requests with a
+    short deadline answer 504 and 40 whose clients leave answer 499, none having run a step;
+    the queue depth and active gauges count them throughout."""
+    engine = make_engine(max_batch=1)
+    gauge = engine.metrics.registry.get_sample_value
+
+    def counts():
+        labels = {"model": "tiny-dit"}
+        return gauge("denoised_queue_depth", labels), gauge("denoised_active_requests", labels)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        long = prepare(engine, loop, "tiny-dit", steps=1000, seed=0)
+        late = [prepare(engine, loop, "tiny-dit", steps=2, timeout=0.5, seed=i) for i in range(40)]
+        left = [prepare(engine, loop, "tiny-dit", steps=2, seed=i) for i in range(40)]
+        for job in [long, *late, *left]:
+            engine.submit(job)
+        assert counts() == (81, 0)
+        engine.start()
+        while long.state.step_index < 1:  # counted when its first forward is chosen
+            await asyncio.sleep(0.01)
+        assert counts() == (80, 1)
+        for job in left:
+            engine.cancel(job)
+        outcomes = await asyncio.gather(*(j.result for j in late + left), return_exceptions=True)
+        assert counts() == (0, 1)
+        engine.cancel(long)
+        await asyncio.gather(long.result, return_exceptions=True)
+        return late, left, outcomes
+
+    late, left, outcomes = asyncio.run(scenario())
+    assert [o.status for o in outcomes] == [504] * 40 + [499] * 40
+    assert all("after 0 of 2 evaluations" in o.message for o in outcomes[:40])
+    assert all(job.state.step_index == 0 for job in late + left)
+    assert counts() == (0, 0) and engine.idle
+
+
 def test_queue_limit_and_drain_refuse_admission(make_engine):
     engine = make_engine(max_queue=1)  # not started: nothing leaves the queue
 
