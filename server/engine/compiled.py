@@ -2,10 +2,10 @@
 
 The batch dimension is compiled dynamic, so a model compiles once for every batch size (a
 one-row batch is padded to two rows: dynamo specialises size 1, which would cost a second
-compile). On CPU this measured as fast as one
-static graph per size at a fraction of the compile time, and weights are frozen into the
-graph (inductor's `freezing`: constant-folded, prepacked for oneDNN; it keeps a second copy of
-the weights). On CUDA the compiled backbone also runs under CUDA graphs
+compile). On CPU this measured as fast as one static graph per size at a fraction of the
+compile time. Weights stay graph inputs: inductor's `freezing` (weights constant-folded into
+the graph, linears prepacked for oneDNN, a second copy of the weights kept) measured no faster
+in float32 (`docs/benchmarks.md`). On CUDA the compiled backbone also runs under CUDA graphs
 (`mode="reduce-overhead"`), which replay one recorded shape each, so rows are padded up to a
 bucket — powers of two below `max_batch`, and `max_batch` — and at most one graph per bucket
 is recorded. Padding rows repeat the batch's first row and are sliced off: every row of a
@@ -73,7 +73,7 @@ class CompiledBackbone:
         if self.cuda_graphs:
             self._fn = torch.compile(backbone, mode="reduce-overhead")
         else:
-            self._fn = torch.compile(backbone, options={"freezing": True})
+            self._fn = torch.compile(backbone)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: ModelInput | None) -> torch.Tensor:
         # Text models run eager (`ModelRunner`): a compiled backbone takes class ids or nothing.
