@@ -32,6 +32,7 @@ import time
 
 import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from denoised.server.registry import default_model_dirs
 
@@ -99,12 +100,32 @@ def is_text_model(url: str) -> bool:
     return httpx.get(url + "/v1/models").json()["data"][0]["conditioning"] == "text"
 
 
+# The server's own counters (summed over models): its forwards, their seconds and rows, and
+# the images it finished.
+SERVER_SERIES = (
+    "denoised_forward_seconds_count",
+    "denoised_forward_seconds_sum",
+    "denoised_batch_samples_sum",
+    "denoised_images_total",
+)
+
+
+async def server_totals(client: httpx.AsyncClient) -> dict[str, float]:
+    totals = dict.fromkeys(SERVER_SERIES, 0.0)
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals
+
+
 async def closed_loop(
     url: str, workers: list[int], warmup: float, seconds: float, text: bool
-) -> list:
+) -> tuple[list, int, dict[str, float]]:
     """Each worker sends requests of its step count back to back. Returns (steps, latency)
     of the requests that started after `warmup` seconds and ended inside the `seconds` window
-    that follows, and the number of requests that ended inside it (for throughput)."""
+    that follows, the number of requests that ended inside it (for throughput), and how much
+    each of the server's `SERVER_SERIES` grew per second over that window."""
     records: list[tuple[int, float, float]] = []  # (steps, start, end)
     begin = time.perf_counter()
     window = (begin + warmup, begin + warmup + seconds)
@@ -119,24 +140,37 @@ async def closed_loop(
             records.append((steps, started, time.perf_counter()))
             seed += 1
 
+    async def server_rates(client: httpx.AsyncClient) -> dict[str, float]:
+        await asyncio.sleep(window[0] - time.perf_counter())
+        first, started = await server_totals(client), time.perf_counter()
+        await asyncio.sleep(window[1] - time.perf_counter())
+        last, elapsed = await server_totals(client), time.perf_counter() - started
+        return {name: (last[name] - first[name]) / elapsed for name in SERVER_SERIES}
+
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        rates = asyncio.ensure_future(server_rates(client))
         await asyncio.gather(*(worker(client, i, s) for i, s in enumerate(workers)))
+        server_side = await rates
     ended = [r for r in records if window[0] <= r[2] <= window[1]]
     measured = [(steps, end - start) for steps, start, end in ended if start >= window[0]]
-    return measured, len(ended)
+    return measured, len(ended), server_side
 
 
 def throughput(
     url: str, concurrency: int, steps: int, warmup: float, seconds: float, text: bool
-) -> float:
-    _, finished = asyncio.run(closed_loop(url, [steps] * concurrency, warmup, seconds, text))
-    return finished / seconds
+) -> tuple[float, float, float]:
+    """(images/s, rows per forward, milliseconds per forward) under closed-loop load; the
+    last two from the server's own counters."""
+    _, finished, rates = asyncio.run(closed_loop(url, [steps] * concurrency, warmup, seconds, text))
+    forwards = max(rates["denoised_forward_seconds_count"], 1e-9)
+    rows = rates["denoised_batch_samples_sum"] / forwards
+    return finished / seconds, rows, 1e3 * rates["denoised_forward_seconds_sum"] / forwards
 
 
-def short_p50(url: str, clients: int, warmup: float, seconds: float, text: bool) -> float:
+def short_p50(url: str, clients: int, warmup: float, seconds: float, text: bool) -> tuple[float]:
     workers = [10, 50] * (clients // 2)
-    measured, _ = asyncio.run(closed_loop(url, workers, warmup, seconds, text))
-    return statistics.median([latency for steps, latency in measured if steps == 10])
+    measured, _, _ = asyncio.run(closed_loop(url, workers, warmup, seconds, text))
+    return (statistics.median([latency for steps, latency in measured if steps == 10]),)
 
 
 def machine() -> str:
@@ -149,14 +183,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {gpu}, torch {torch.__version__}"
 
 
-def alternate(measure, urls: dict[str, str], rounds: int) -> dict[str, float]:
-    """Median of `rounds` measurements per server, taken in turn (A, B, A, B, …), so a
-    change in the machine's load during the run touches every server alike."""
-    values: dict[str, list[float]] = {name: [] for name in urls}
+def alternate(measure, urls: dict[str, str], rounds: int) -> dict[str, tuple[float, ...]]:
+    """Median of `rounds` measurements per server (each a tuple of figures, medians taken
+    figure by figure), taken in turn (A, B, A, B, …), so a change in the machine's load
+    during the run touches every server alike."""
+    values: dict[str, list[tuple[float, ...]]] = {name: [] for name in urls}
     for _ in range(rounds):
         for name, url in urls.items():
             values[name].append(measure(url))
-    return {name: statistics.median(v) for name, v in values.items()}
+    return {name: tuple(map(statistics.median, zip(*v, strict=True))) for name, v in values.items()}
 
 
 def main() -> None:
@@ -199,11 +234,20 @@ def main() -> None:
           f"median of {args.rounds})")  # fmt: skip
     print("| concurrency | step-level | --max-batch 1 | ratio |\n|---|---|---|---|")
     for c, r in rates.items():
-        print(f"| {c} | {r['step']:.1f} | {r['single']:.1f} | {r['step'] / r['single']:.2f}x |")
+        step, single = r["step"][0], r["single"][0]
+        print(f"| {c} | {step:.1f} | {single:.1f} | {step / single:.2f}x |")
+    print("\nThe servers' forwards over the same windows (their own counters): rows per forward, "
+          "ms per forward (backbone + batched update)")  # fmt: skip
+    print("| concurrency | step-level | --max-batch 1 |\n|---|---|---|")
+    for c, r in rates.items():
+        (_, *step), (_, *single) = r["step"], r["single"]
+        print(f"| {c} | {step[0]:.1f} rows, {step[1]:.1f} ms | {single[0]:.1f} rows, "
+              f"{single[1]:.1f} ms |")  # fmt: skip
     print(f"\np50 latency (s) of 10-step requests, {args.mixed_clients} clients: half 10-step, "
           f"half 50-step (median of {args.rounds})")  # fmt: skip
+    step, request = p50["step"][0], p50["request"][0]
     print("| step-level | --batching request | ratio |\n|---|---|---|")
-    print(f"| {p50['step']:.3f} | {p50['request']:.3f} | {p50['request'] / p50['step']:.2f}x |")
+    print(f"| {step:.3f} | {request:.3f} | {request / step:.2f}x |")
 
 
 if __name__ == "__main__":

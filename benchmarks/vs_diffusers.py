@@ -37,7 +37,6 @@ import httpx
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 from engine_batching import body, closed_loop, machine, server
-from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.flop_counter import FlopCounterMode
 
 from denoised.models.checkpoints.model_dir import load_model_dir
@@ -138,36 +137,14 @@ def model_flops(model_dir: Path) -> tuple[float, float]:
     return float(backbone.get_total_flops()), float(vae.get_total_flops())
 
 
-def served_work(url: str) -> tuple[float, float]:
-    """(backbone rows forwarded, images decoded) so far, from the server's /metrics."""
-    totals = {"denoised_batch_samples_sum": 0.0, "denoised_images_total": 0.0}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-    return totals["denoised_batch_samples_sum"], totals["denoised_images_total"]
-
-
 def saturated_work(
     url: str, concurrency: int, steps: int, warmup: float, seconds: float
 ) -> tuple[float, float]:
     """(rows/s, images/s) the server forwards and decodes under `concurrency` closed-loop
-    clients, over `seconds` after `warmup`."""
-
-    async def window() -> tuple[float, float]:
-        await asyncio.sleep(warmup)
-        (rows0, images0), started = await asyncio.to_thread(served_work, url), time.perf_counter()
-        await asyncio.sleep(seconds)
-        rows1, images1 = await asyncio.to_thread(served_work, url)
-        elapsed = time.perf_counter() - started
-        return (rows1 - rows0) / elapsed, (images1 - images0) / elapsed
-
-    async def run() -> tuple[float, float]:
-        load = closed_loop(url, [steps] * concurrency, warmup, seconds, text=False)
-        _, rates = await asyncio.gather(load, window())
-        return rates
-
-    return asyncio.run(run())
+    clients, over `seconds` after `warmup` (from its own counters)."""
+    load = closed_loop(url, [steps] * concurrency, warmup, seconds, text=False)
+    _, _, rates = asyncio.run(load)
+    return rates["denoised_batch_samples_sum"], rates["denoised_images_total"]
 
 
 def main() -> None:
