@@ -14,6 +14,7 @@ from tiny_models import write_tiny_models
 from denoised.server.admission import GenerationRequest, admit
 from denoised.server.engine.jobs import Draining, Job, JobError, JobResult, QueueFull
 from denoised.server.engine.loop import Engine
+from denoised.server.engine.queues import JobQueues
 from denoised.server.metrics import Metrics
 from denoised.server.registry import load_registry
 from denoised.server.settings import Settings
@@ -219,6 +220,36 @@ def test_queued_requests_time_out_or_cancel_without_running_and_are_counted(make
     assert all("after 0 of 2 evaluations" in o.message for o in outcomes[:40])
     assert all(job.state.step_index == 0 for job in late + left)
     assert counts() == (0, 0) and engine.idle
+
+
+def test_job_queues_keep_arrival_order_and_deadlines_and_forget_what_ended(make_engine):
+    engine = make_engine()
+    loop = asyncio.new_event_loop()
+    timeouts = {"tiny-dit": (3.0, 1.0, 2.0), "tiny-flow": (0.5,)}
+    jobs = [prepare(engine, loop, m, steps=2, timeout=t) for m, ts in timeouts.items() for t in ts]
+    queues = JobQueues()
+    for job in jobs:
+        queues.add(job)
+    assert {m: list(q) for m, q in queues.ready.items()} == {
+        "tiny-dit": [j.seq for j in jobs[:3]],
+        "tiny-flow": [jobs[3].seq],
+    }
+    assert all(queues.ready[j.params.model][j.seq].id == j.seq for j in jobs)
+    start = max(job.admitted_at for job in jobs)
+    assert queues.expired(start + 1.5) == [jobs[3], jobs[1]]  # by deadline, not arrival
+    assert queues.expired(start + 1.5) == []  # each deadline is reported once
+    for job in jobs[1:]:
+        assert queues.remove(job)
+    assert not queues.remove(jobs[2])  # already gone
+    assert list(queues.ready) == ["tiny-dit"] and queues.expired(start + 2.5) == []
+    # Deadlines of ended jobs do not pile up: the heap is rebuilt from the live jobs.
+    for i in range(1000):
+        job = prepare(engine, loop, "tiny-dit", steps=2, seed=i)
+        queues.add(job)
+        queues.remove(job)
+    assert len(queues._deadlines) <= 4 * (len(queues.jobs) + 16)
+    assert queues.expired(start + 4) == [jobs[0]]
+    loop.close()
 
 
 def test_queue_limit_and_drain_refuse_admission(make_engine):
