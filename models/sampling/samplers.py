@@ -25,6 +25,7 @@ Samplers (``x = α·x0 + σ·ε``, λ = log(α/σ), h = λ_next − λ):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -413,7 +414,7 @@ class SamplerState:
     def __init__(
         self,
         name: str,
-        plan: list[PlannedEval],
+        plan: Sequence[PlannedEval],
         x: Tensor,
         generator: Generators,
     ):
@@ -487,8 +488,29 @@ def create_sampler(
         raise ValueError(f"shape must be positive integers (n, C, ...); got {shape!r}")
     if not isinstance(generator, torch.Generator) and len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for {shape[0]} images; need one each")
-    plan = build_plan(name, process, steps, options)
-    return SamplerState(name, plan, _randn(shape, generator).to(device), generator)
+    return SamplerState(name, _plan(name, process, steps, options),
+                        _randn(shape, generator).to(device), generator)  # fmt: skip
+
+
+def _plan(name: str, process: Process, steps: int, options: dict | None) -> Sequence[PlannedEval]:
+    """``build_plan``, cached per process object: a server's requests repeat a few samplers,
+    step counts and options, and building a plan is most of admitting a request. The key
+    keeps each option's type (``order`` 2 is valid, 2.0 and True are not, yet they compare
+    equal); options that cannot be a key (only invalid ones) go to ``build_plan`` to be
+    refused there."""
+    key = tuple(sorted((k, type(v), v) for k, v in (options or {}).items()))
+    try:
+        hash(key)
+    except TypeError:
+        return build_plan(name, process, steps, options)
+    return _cached_plan(name, process, steps, key)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(
+    name: str, process: Process, steps: int, options: tuple
+) -> tuple[PlannedEval, ...]:
+    return tuple(build_plan(name, process, steps, {k: v for k, _, v in options}))
 
 
 # --- batched stepping ------------------------------------------------------------------------

@@ -85,6 +85,26 @@ VARIANTS = [(n, {}) for n in DETERMINISTIC] + [
 ]
 
 
+def test_cached_plans_equal_fresh_ones_and_validate_alike():
+    """Plans are cached per process, sampler, steps and options: a state gets what
+    build_plan gives, states share nothing they change, and options that compare equal to
+    valid ones (order 2.0, True) or cannot be a cache key are still refused."""
+    proc = VPProcess()
+    for name, options in VARIANTS:
+        first = create_sampler(name, proc, 9, (1, 1, 2, 2), gen(), dict(options))
+        again = create_sampler(name, proc, 9, (2, 1, 2, 2), gen(1), dict(options))
+        assert list(first.plan) == build_plan(name, proc, 9, options)
+        assert again.plan is first.plan  # built once
+    again.advance(torch.zeros_like(again.x), torch.zeros_like(again.x))
+    assert first.step_index == 0 and again.step_index == 1
+    create_sampler("unipc", proc, 9, (1, 1, 2, 2), gen(), {"order": 2})
+    create_sampler("dpmpp-2m", proc, 9, (1, 1, 2, 2), gen(), {"order": 1})
+    for name, options in [("unipc", {"order": 2.0}), ("dpmpp-2m", {"order": True}),
+                          ("ddim", {"eta": [0.5]})]:  # fmt: skip
+        with pytest.raises(ValueError, match=r"order|eta"):
+            create_sampler(name, proc, 9, (1, 1, 2, 2), gen(), options)
+
+
 @pytest.mark.parametrize(("name", "options"), VARIANTS, ids=str)
 @pytest.mark.parametrize("proc", PROCESSES, ids=PROC_IDS)
 def test_dirac_data_is_followed_exactly(name, options, proc):
