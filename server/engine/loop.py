@@ -147,7 +147,6 @@ class Engine:
         self._cv = threading.Condition()
         self._inbox: list[Job] = []  # submitted, not yet taken into `_queues`
         self._cancelled: list[Job] = []  # their clients went away
-        self._admitted = 0  # submitted and not yet answered or handed to the finishing pool
         self._waiting: Counter[str] = Counter()  # per model: admitted, no forward yet
         self._active: Counter[str] = Counter()  # per model: in forwards, not finished
         self._finishing = 0  # finished jobs still being encoded
@@ -181,7 +180,6 @@ class Engine:
                 self.metrics.requests.labels(**labels, status="rejected").inc()
                 raise QueueFull(retry_after=max(1, math.ceil(self._request_seconds)))
             self._inbox.append(job)
-            self._admitted += 1
             self._count(job.params.model, waiting=1)
             self._cv.notify()
 
@@ -204,7 +202,8 @@ class Engine:
     @property
     def idle(self) -> bool:
         with self._cv:
-            return not self._admitted and self._finishing == 0
+            unfinished = self._waiting.total() + self._active.total()
+            return unfinished == 0 and self._finishing == 0
 
     def stop(self) -> None:
         """End the loop after the current iteration; jobs still admitted fail with 503."""
@@ -406,7 +405,6 @@ class Engine:
         if not self._queues.remove(job):
             return
         with self._cv:
-            self._admitted -= 1
             if job.started_at is None:
                 self._count(job.params.model, waiting=-1)
             else:
