@@ -59,6 +59,8 @@ async def forwards_per_second(
     before, started = forwards(), time.perf_counter()
     await asyncio.sleep(seconds)
     rate = (forwards() - before) / (time.perf_counter() - started)
+    if rate == 0:
+        raise SystemExit("no forward in the window: the requests finished first; raise --steps")
     for job in jobs:
         engine.cancel(job)
     await asyncio.gather(*(job.result for job in jobs), return_exceptions=True)

@@ -33,10 +33,11 @@ def test_saturation_window_counts_the_servers_work(server, monkeypatch) -> None:
 
 
 def test_queue_benchmark_runs_and_counts_forwards() -> None:
-    """A short run on the shipped default model: every row reports forwards it counted."""
+    """A short run on the shipped default model: every row reports forwards it counted (the
+    requests, 1,000 steps each, outlast the window even on a fast machine)."""
     run = subprocess.run(
         [sys.executable, "engine_queue.py", "--no-compile", "--depths", "0", "200",
-         "--max-batch", "2", "--running", "2", "--steps", "50", "--seconds", "0.5"],
+         "--max-batch", "2", "--running", "2", "--steps", "1000", "--seconds", "0.5"],
         capture_output=True, text=True, cwd=BENCHMARKS, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
